@@ -1,0 +1,1 @@
+"""Training driver: torchrun/Slurm entry point, data loading, checkpoints, metrics."""
