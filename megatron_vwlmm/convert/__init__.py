@@ -1,0 +1,1 @@
+"""Hugging Face import/export of VW-LMM checkpoints, verified by logit parity."""

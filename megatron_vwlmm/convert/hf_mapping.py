@@ -1,0 +1,186 @@
+"""Weight mapping between a full (unsharded) VW-LMM megatron state and Hugging Face modules.
+
+Megatron names here are those of an unsharded ``VWLMMModel`` built with the local layer spec
+(``language_model.*``, ``vision_model.*``, ``adapter.*``, ``vm_head.*``). Checkpoints carry the
+Transformer Engine names for the two fused layer norms; ``canonical_megatron_name`` folds those
+into the local names so both kinds map the same way.
+
+The HF side is split by component so each maps onto a stock class:
+- ``llm``: ``LlamaForCausalLM`` / ``MistralForCausalLM`` (``model.*``, ``lm_head.weight``)
+- ``vision``: ``CLIPVisionModel`` (its own keys: ``embeddings.*``, ``encoder.*``); only the layers the encoder runs
+- ``projector``: LLaVA's ``mlp2x_gelu`` as ``{0,2}.{weight,bias}`` (nn.Sequential indices)
+- ``vm_head``: ``weight``
+
+Layouts (megatron-core): the fused QKV weight is grouped per query group,
+``[q heads of the group (num_heads/num_groups x d), k (d), v (d)]`` for each group; the SwiGLU
+fc1 weight is ``[gate; up]``. HF keeps q/k/v and gate/up separate. Both RoPE conventions are
+``rotate_half`` (HF Llama checkpoints are already permuted), so no permutation is needed.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping
+
+import torch
+
+from megatron_vwlmm.model.config import VWLMMConfig
+
+Tensors = Dict[str, torch.Tensor]
+
+_TE_NORM_ALIASES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
+
+
+def canonical_megatron_name(name: str) -> str:
+    """Fold TE's fused-norm parameter names into the local spec's names."""
+    for te_suffix, local_suffix in _TE_NORM_ALIASES.items():
+        if name.endswith(te_suffix):
+            return name[: -len(te_suffix)] + local_suffix
+    return name
+
+
+# -- fused tensor layouts ----------------------------------------------------------------------
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+             num_groups: int) -> torch.Tensor:
+    """HF q/k/v (weight [out, in] or bias [out]) -> megatron's grouped QKV."""
+    head_dim = k.shape[0] // num_groups
+    per_group = num_heads // num_groups
+    tail = q.shape[1:]
+    q = q.reshape(num_groups, per_group * head_dim, *tail)
+    k = k.reshape(num_groups, head_dim, *tail)
+    v = v.reshape(num_groups, head_dim, *tail)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *tail)
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int, num_groups: int):
+    """megatron's grouped QKV -> HF (q, k, v)."""
+    per_group = num_heads // num_groups
+    head_dim = qkv.shape[0] // (num_groups * (per_group + 2))
+    tail = qkv.shape[1:]
+    grouped = qkv.reshape(num_groups, (per_group + 2) * head_dim, *tail)
+    q, k, v = torch.split(grouped, [per_group * head_dim, head_dim, head_dim], dim=1)
+    return (q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail))
+
+
+# -- megatron -> HF ------------------------------------------------------------------------------
+
+def megatron_to_hf(state: Mapping[str, torch.Tensor], config: VWLMMConfig) -> Dict[str, Tensors]:
+    """Split a full megatron state into HF component state dicts (see module docstring)."""
+    state = {canonical_megatron_name(k): v for k, v in state.items()}
+    d, vis = config.decoder, config.vision
+    out: Dict[str, Tensors] = {"llm": {}, "vision": {}, "projector": {}, "vm_head": {}}
+    llm, vision = out["llm"], out["vision"]
+
+    lm = "language_model."
+    llm["model.embed_tokens.weight"] = state[lm + "embedding.word_embeddings.weight"]
+    llm["model.norm.weight"] = state[lm + "decoder.final_layernorm.weight"]
+    llm["lm_head.weight"] = state[lm + "output_layer.weight"]
+    for i in range(d.num_layers):
+        src, dst = f"{lm}decoder.layers.{i}.", f"model.layers.{i}."
+        q, k, v = split_qkv(state[src + "self_attention.linear_qkv.weight"],
+                            d.num_attention_heads, d.num_query_groups)
+        llm[dst + "self_attn.q_proj.weight"] = q
+        llm[dst + "self_attn.k_proj.weight"] = k
+        llm[dst + "self_attn.v_proj.weight"] = v
+        llm[dst + "self_attn.o_proj.weight"] = state[src + "self_attention.linear_proj.weight"]
+        gate, up = torch.chunk(state[src + "mlp.linear_fc1.weight"], 2, dim=0)
+        llm[dst + "mlp.gate_proj.weight"] = gate
+        llm[dst + "mlp.up_proj.weight"] = up
+        llm[dst + "mlp.down_proj.weight"] = state[src + "mlp.linear_fc2.weight"]
+        llm[dst + "input_layernorm.weight"] = state[src + "input_layernorm.weight"]
+        llm[dst + "post_attention_layernorm.weight"] = state[src + "pre_mlp_layernorm.weight"]
+
+    if "vision_model.conv1.weight" in state:
+        vm = "vision_model."
+        vision["embeddings.class_embedding"] = state[vm + "class_token"].reshape(-1)
+        vision["embeddings.patch_embedding.weight"] = state[vm + "conv1.weight"]
+        vision["embeddings.position_embedding.weight"] = state[
+            vm + "position_embeddings.weight"]
+        vision["pre_layrnorm.weight"] = state[vm + "ln_pre.weight"]
+        vision["pre_layrnorm.bias"] = state[vm + "ln_pre.bias"]
+        heads = vis.num_attention_heads
+        for i in range(vis.num_layers_run):
+            src, dst = f"{vm}decoder.layers.{i}.", f"encoder.layers.{i}."
+            for kind in ("weight", "bias"):
+                q, k, v = split_qkv(state[f"{src}self_attention.linear_qkv.{kind}"], heads, heads)
+                vision[f"{dst}self_attn.q_proj.{kind}"] = q
+                vision[f"{dst}self_attn.k_proj.{kind}"] = k
+                vision[f"{dst}self_attn.v_proj.{kind}"] = v
+                vision[f"{dst}self_attn.out_proj.{kind}"] = state[
+                    f"{src}self_attention.linear_proj.{kind}"]
+                vision[f"{dst}layer_norm1.{kind}"] = state[f"{src}input_layernorm.{kind}"]
+                vision[f"{dst}layer_norm2.{kind}"] = state[f"{src}pre_mlp_layernorm.{kind}"]
+                vision[f"{dst}mlp.fc1.{kind}"] = state[f"{src}mlp.linear_fc1.{kind}"]
+                vision[f"{dst}mlp.fc2.{kind}"] = state[f"{src}mlp.linear_fc2.{kind}"]
+        for kind in ("weight", "bias"):
+            out["projector"][f"0.{kind}"] = state[f"adapter.encoder.linear_fc1.{kind}"]
+            out["projector"][f"2.{kind}"] = state[f"adapter.encoder.linear_fc2.{kind}"]
+    if "vm_head.weight" in state:
+        out["vm_head"]["weight"] = state["vm_head.weight"]
+    return out
+
+
+# -- HF -> megatron ------------------------------------------------------------------------------
+
+def hf_to_megatron(components: Mapping[str, Mapping[str, torch.Tensor]],
+                   config: VWLMMConfig) -> Tensors:
+    """Inverse of ``megatron_to_hf``: HF component state dicts -> full megatron state.
+
+    Vision layers beyond ``num_layers_run`` and CLIP's post-layernorm are not part of the
+    encoder (the adapter reads the ``feature_layer`` hidden state) and are ignored.
+    """
+    d, vis = config.decoder, config.vision
+    llm = components["llm"]
+    state: Tensors = {}
+    lm = "language_model."
+    state[lm + "embedding.word_embeddings.weight"] = llm["model.embed_tokens.weight"]
+    state[lm + "decoder.final_layernorm.weight"] = llm["model.norm.weight"]
+    state[lm + "output_layer.weight"] = llm["lm_head.weight"]
+    for i in range(d.num_layers):
+        src, dst = f"model.layers.{i}.", f"{lm}decoder.layers.{i}."
+        state[dst + "self_attention.linear_qkv.weight"] = fuse_qkv(
+            llm[src + "self_attn.q_proj.weight"], llm[src + "self_attn.k_proj.weight"],
+            llm[src + "self_attn.v_proj.weight"], d.num_attention_heads, d.num_query_groups)
+        state[dst + "self_attention.linear_proj.weight"] = llm[src + "self_attn.o_proj.weight"]
+        state[dst + "mlp.linear_fc1.weight"] = torch.cat(
+            [llm[src + "mlp.gate_proj.weight"], llm[src + "mlp.up_proj.weight"]], dim=0)
+        state[dst + "mlp.linear_fc2.weight"] = llm[src + "mlp.down_proj.weight"]
+        state[dst + "input_layernorm.weight"] = llm[src + "input_layernorm.weight"]
+        state[dst + "pre_mlp_layernorm.weight"] = llm[src + "post_attention_layernorm.weight"]
+
+    vision = components.get("vision") or {}
+    if vision:
+        vm = "vision_model."
+        state[vm + "class_token"] = vision["embeddings.class_embedding"].reshape(
+            1, 1, -1)
+        state[vm + "conv1.weight"] = vision["embeddings.patch_embedding.weight"]
+        state[vm + "position_embeddings.weight"] = vision[
+            "embeddings.position_embedding.weight"]
+        state[vm + "ln_pre.weight"] = vision["pre_layrnorm.weight"]
+        state[vm + "ln_pre.bias"] = vision["pre_layrnorm.bias"]
+        heads = vis.num_attention_heads
+        for i in range(vis.num_layers_run):
+            src, dst = f"encoder.layers.{i}.", f"{vm}decoder.layers.{i}."
+            for kind in ("weight", "bias"):
+                state[f"{dst}self_attention.linear_qkv.{kind}"] = fuse_qkv(
+                    vision[f"{src}self_attn.q_proj.{kind}"], vision[f"{src}self_attn.k_proj.{kind}"],
+                    vision[f"{src}self_attn.v_proj.{kind}"], heads, heads)
+                state[f"{dst}self_attention.linear_proj.{kind}"] = vision[
+                    f"{src}self_attn.out_proj.{kind}"]
+                state[f"{dst}input_layernorm.{kind}"] = vision[f"{src}layer_norm1.{kind}"]
+                state[f"{dst}pre_mlp_layernorm.{kind}"] = vision[f"{src}layer_norm2.{kind}"]
+                state[f"{dst}mlp.linear_fc1.{kind}"] = vision[f"{src}mlp.fc1.{kind}"]
+                state[f"{dst}mlp.linear_fc2.{kind}"] = vision[f"{src}mlp.fc2.{kind}"]
+    projector = components.get("projector") or {}
+    for kind in ("weight", "bias") if projector else ():
+        state[f"adapter.encoder.linear_fc1.{kind}"] = projector[f"0.{kind}"]
+        state[f"adapter.encoder.linear_fc2.{kind}"] = projector[f"2.{kind}"]
+    vm_head = components.get("vm_head") or {}
+    if vm_head:
+        state["vm_head.weight"] = vm_head["weight"]
+    return state

@@ -1,0 +1,117 @@
+"""Layer implementations as data (megatron ``ModuleSpec``): Transformer Engine or local.
+
+Transformer Engine is chosen when it imports (GPU hosts; required for FP8); megatron-core's
+local modules otherwise (CPU CI). Model code never names a layer class: it builds from these.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+from megatron_vwlmm.model.config import VWLMMConfig
+
+
+def transformer_engine_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_impl(config: VWLMMConfig) -> str:
+    """'transformer_engine' or 'local', failing clearly when TE or FP8 is asked for without TE."""
+    have_te = transformer_engine_available()
+    if config.fp8 and not have_te:
+        raise RuntimeError(
+            f"fp8={config.fp8!r} needs NVIDIA Transformer Engine, which is not importable here. "
+            "Install it on a GPU host (pip install -e .[gpu]) or drop the fp8 option."
+        )
+    if config.transformer_impl == "transformer_engine" and not have_te:
+        raise RuntimeError(
+            "transformer_impl='transformer_engine' but transformer_engine is not importable; "
+            "use transformer_impl='local' or install it (pip install -e .[gpu])."
+        )
+    if config.transformer_impl == "auto":
+        return "transformer_engine" if have_te else "local"
+    return config.transformer_impl
+
+
+def decoder_layer_spec(impl: str) -> ModuleSpec:
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if impl == "transformer_engine":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def vision_layer_spec(impl: str) -> ModuleSpec:
+    """CLIP ViT layer: bidirectional attention (no mask).
+
+    megatron-core's own local ViT spec asks for a causal mask, which is wrong for CLIP, so the
+    local variant is spelled out here; the TE spec is megatron's."""
+    if impl == "transformer_engine":
+        from megatron.core.models.vision.vit_layer_specs import (
+            get_vit_layer_with_transformer_engine_spec,
+        )
+
+        return get_vit_layer_with_transformer_engine_spec()
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=WrappedTorchNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.no_mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=DotProductAttention,
+                    linear_proj=RowParallelLinear,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=WrappedTorchNorm,
+            mlp=mlp_spec("local"),
+            mlp_bda=get_bias_dropout_add,
+            # Checkpoint keys as the TE layers name them, so GPU (TE) and CPU (local) runs share
+            # checkpoints (megatron's local GPT spec does the same).
+            sharded_state_dict_keys_map={
+                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+            },
+        ),
+    )
+
+
+def mlp_spec(impl: str) -> ModuleSpec:
+    """Two-layer MLP (column- then row-parallel): the ViT MLP and the ``mlp2x_gelu`` adapter."""
+    if impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
+            TERowParallelLinear,
+        )
+
+        return ModuleSpec(
+            module=MLP,
+            submodules=MLPSubmodules(
+                linear_fc1=TEColumnParallelLinear, linear_fc2=TERowParallelLinear
+            ),
+        )
+    return ModuleSpec(
+        module=MLP,
+        submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+    )
+
+
+def vision_norm_impl(impl: str):
+    if impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    return WrappedTorchNorm

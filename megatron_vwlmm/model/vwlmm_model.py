@@ -1,0 +1,272 @@
+"""VW-LMM on megatron-core: CLIP ViT -> mlp2x_gelu adapter -> Llama decoder, plus the VM head.
+
+Paper (arXiv 2403.07720) Sec. 3: the decoder's LM head ("MM head") is trained with next-token
+cross-entropy on text and, at every image position t, with KL(visual word of patch t || the
+model's next-token distribution at t-1), where the visual word is softmax(VM head(x_t)) over the
+LLM vocabulary and x_t is the decoder's *input* embedding at t. PIF replaces x_t by
+softmax(VM head(x_t)) @ E.
+
+Pipeline parallelism (ARCHITECTURE §1, design (a)): the KL needs the VM logits on the last
+stage, but the image features are born on the first. The last stage therefore also runs the
+frozen vision encoder and holds a copy of the adapter (and, in PIF mode, the first stage holds a
+copy of the VM head); the copies' gradients are summed over the embedding group by
+``megatron_vwlmm.parallel.stage_replicas.finalize_model_grads``, exactly as megatron ties input
+and output embeddings, so both copies take identical steps and the result equals PP=1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.vision.clip_vit_model import CLIPViTModel
+from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_vwlmm.losses import visual_word_kl
+from megatron_vwlmm.model.config import (
+    IGNORE_INDEX,
+    VWLMMConfig,
+    adapter_transformer_config,
+    decoder_transformer_config,
+    vision_transformer_config,
+)
+from megatron_vwlmm.model.pseudo_image_features import pseudo_image_features
+from megatron_vwlmm.model.specs import (
+    decoder_layer_spec,
+    mlp_spec,
+    resolve_impl,
+    vision_layer_spec,
+    vision_norm_impl,
+)
+from megatron_vwlmm.model.splicing import scatter_image_features, visual_word_positions
+from megatron_vwlmm.parallel.stage_replicas import mark_stage_replicated
+
+# Order of the per-micro-batch loss statistics the last stage returns (one tensor, so that
+# megatron's schedules can carry it like any output tensor).
+LM_SUM, LM_COUNT, VM_SUM, VM_COUNT = range(4)
+
+
+class VWLMMModel(MegatronModule):
+    """One pipeline chunk of VW-LMM; ``pre_process``/``post_process`` say what it owns."""
+
+    def __init__(
+        self,
+        config: VWLMMConfig,
+        *,
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage: Optional[int] = None,
+        transformer_overrides: Optional[dict] = None,
+    ) -> None:
+        impl = resolve_impl(config)
+        decoder_config = decoder_transformer_config(config, transformer_overrides)
+        if decoder_config.sequence_parallel:
+            raise ValueError(
+                "sequence_parallel: not supported yet by VW-LMM's image splicing (the spliced "
+                "embeddings would have to be scattered over the sequence afterwards)"
+            )
+        super().__init__(config=decoder_config)
+        self.vwlmm_config = config
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.vp_stage = vp_stage
+        self.share_embeddings_and_output_weights = False
+        d, v = config.decoder, config.vision
+
+        self.language_model = GPTModel(
+            config=decoder_config,
+            transformer_layer_spec=decoder_layer_spec(impl),
+            vocab_size=d.vocab_size,
+            max_sequence_length=d.seq_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_base=int(d.rotary_base) if float(d.rotary_base).is_integer() else d.rotary_base,
+            vp_stage=vp_stage,
+        )
+
+        self.needs_image_features = pre_process or post_process
+        self.has_vm_head = post_process or (config.pif and pre_process)
+        self.vision_model = self.adapter = self.vm_head = None
+        if self.needs_image_features:
+            self.vision_model = CLIPViTModel(
+                vision_transformer_config(config, transformer_overrides),
+                vision_layer_spec(impl),
+                ln_pre_impl=vision_norm_impl(impl),
+                add_class_token=True,
+                class_token_len=1,
+                patch_dim=v.patch_size,
+                img_h=v.image_size,
+                img_w=v.image_size,
+                model_subtype="clip",
+            )
+            self.adapter = MultimodalProjector(
+                adapter_transformer_config(config),
+                mlp_spec(impl).submodules,
+                projector_type="mlp",
+                input_size=v.hidden_size,
+            )
+        if self.has_vm_head:
+            self.vm_head = tensor_parallel.ColumnParallelLinear(
+                d.hidden_size,
+                d.vocab_size,
+                config=decoder_config,
+                init_method=decoder_config.init_method,
+                bias=False,
+                gather_output=False,
+                skip_bias_add=True,
+            )
+        self._apply_freezing()
+        self._mark_stage_replicas()
+
+    # -- construction helpers --------------------------------------------------------------
+
+    def _apply_freezing(self) -> None:
+        c = self.vwlmm_config
+        frozen = {
+            "vision_model": c.freeze_vision,
+            "adapter": c.freeze_adapter,
+            "language_model": c.freeze_decoder,
+            "vm_head": c.freeze_vm_head,
+        }
+        for name, freeze in frozen.items():
+            module = getattr(self, name)
+            if module is not None and freeze:
+                for param in module.parameters():
+                    param.requires_grad_(False)
+
+    def _mark_stage_replicas(self) -> None:
+        """Flag modules that live on both the first and the last pipeline stage."""
+        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            return
+        is_copy = self.post_process and not self.pre_process  # the last stage's copies
+        for module in (self.vision_model, self.adapter):
+            if module is not None:
+                mark_stage_replicated(module, secondary=is_copy)
+        if self.vwlmm_config.pif and self.vm_head is not None:
+            mark_stage_replicated(self.vm_head, secondary=self.pre_process and not self.post_process)
+
+    # -- megatron module protocol ----------------------------------------------------------
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self):
+        return None
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """megatron's sharded state, with the secondary stage copies marked as replicas.
+
+        A copy (e.g. the last stage's adapter) keeps the same key and shard as the primary, so
+        any layout loads it, but only the primary writes it.
+        """
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        for name, param in self.named_parameters():
+            if not getattr(param, "stage_replica_secondary", False):
+                continue
+            entry = state.get(f"{prefix}{name}")
+            if entry is not None and hasattr(entry, "replica_id"):
+                rid = entry.replica_id
+                entry.replica_id = (1, *rid[1:]) if isinstance(rid, tuple) else rid + 1
+        return state
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Adapter outputs ``v`` of all patches, [num_images * num_patches, h], batch-major."""
+        grad_context = torch.no_grad() if self.vwlmm_config.freeze_vision else contextlib.nullcontext()
+        with grad_context:
+            patch_features = self.vision_model(images.to(self.vision_model.conv1.weight.dtype))
+        patch_features = patch_features[:, self.vision_model.class_token_len:]  # drop CLS
+        features = self.adapter(patch_features.transpose(0, 1).contiguous())  # [P, N, h]
+        return features.transpose(0, 1).reshape(-1, features.shape[-1])
+
+    def visual_word_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """This rank's vocab shard of the VM head's logits, [num_positions, V/tp]."""
+        logits, _ = self.vm_head(features)
+        return logits
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        image_token_mask: torch.Tensor,
+        images: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Pre/middle stages return the hidden states for the next stage. The last stage returns
+        ``[lm_loss_sum, lm_count, vm_loss_sum, vm_count]`` when ``labels`` is given (see
+        ``forward_step.loss_func``), else the MM logits [B, T, V/tp]."""
+        has_images = self.needs_image_features and images is not None and images.shape[0] > 0
+        features = self.image_features(images) if has_images else None
+        vm_logits = (
+            self.visual_word_logits(features) if features is not None and self.has_vm_head else None
+        )
+
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.language_model.embedding(input_ids=tokens, position_ids=None)
+            if features is not None:
+                spliced = features
+                if self.vwlmm_config.pif:
+                    word_embeddings = self.language_model.embedding.word_embeddings.weight
+                    spliced = pseudo_image_features(
+                        vm_logits, word_embeddings, parallel_state.get_tensor_model_parallel_group()
+                    )
+                decoder_input = scatter_image_features(decoder_input, image_token_mask, spliced)
+
+        output = self.language_model(
+            input_ids=None, position_ids=None, attention_mask=None, decoder_input=decoder_input
+        )
+        if not self.post_process or labels is None:
+            return output
+        return self._loss_statistics(output, labels, image_token_mask, vm_logits)
+
+    def _loss_statistics(self, logits, labels, image_token_mask, vm_logits) -> torch.Tensor:
+        """Sums and counts of both losses on this micro-batch (vocab-parallel, no gather)."""
+        zero = logits.new_zeros((), dtype=torch.float32)
+        vm_sum, vm_count = zero, zero
+        if vm_logits is not None:
+            keep, (batch_index, prev_position) = visual_word_positions(image_token_mask)
+            # Gather the prediction rows before the CE below subtracts maxima in place.
+            mm_rows = logits[batch_index, prev_position]
+            target_rows = vm_logits[keep]
+            if self.vwlmm_config.vm_target_grad == "detach":
+                target_rows = target_rows.detach()
+            kl = visual_word_kl(mm_rows, target_rows, chunk_size=self.vwlmm_config.kl_chunk_size)
+            vm_sum = kl.sum()
+            vm_count = zero + kl.shape[0]
+
+        # Next-token targets: labels shifted left; the last position predicts nothing.
+        targets = torch.full_like(labels, IGNORE_INDEX)
+        targets[:, :-1] = labels[:, 1:]
+        supervised = targets != IGNORE_INDEX
+        ce = tensor_parallel.vocab_parallel_cross_entropy(
+            logits.float() if logits.dtype != torch.float32 else logits,
+            targets.clamp(min=0),
+        )
+        lm_sum = (ce * supervised).sum()
+        lm_count = zero + supervised.sum()
+        return torch.stack([lm_sum, lm_count, vm_sum.float(), vm_count])
+
+
+def build_model(
+    config: VWLMMConfig,
+    *,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: Optional[int] = None,
+    transformer_overrides: Optional[dict] = None,
+) -> VWLMMModel:
+    """megatron-style model provider for one pipeline chunk."""
+    return VWLMMModel(
+        config,
+        pre_process=pre_process,
+        post_process=post_process,
+        vp_stage=vp_stage,
+        transformer_overrides=transformer_overrides,
+    )

@@ -1,0 +1,59 @@
+"""Model FLOPs of one training step, counted per layer from the model config (for TFLOP/s, MFU).
+
+Counts matmuls only (2 FLOPs per multiply-add), as Megatron-LM and the PaLM MFU definition do.
+A part that is trained costs forward + 2x backward (activation and weight grads); a frozen part
+that still back-propagates to an earlier trainable one (the LLM in stage 1 feeds the adapter's
+gradient) costs forward + 1x backward; the frozen vision encoder costs its forward only. The
+duplicate encoder/adapter the last pipeline stage runs for the VM target is implementation
+overhead and is *not* counted (MFU measures useful model work).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def decoder_forward_flops(cfg: Any, tokens_per_seq: int) -> float:
+    """Forward FLOPs of the LLM (attention, SwiGLU MLP, LM head) for one sequence."""
+    d = cfg.decoder
+    h, t = d.hidden_size, tokens_per_seq
+    kv = h * d.num_query_groups // d.num_attention_heads
+    per_token_layer = 2 * h * (h + 2 * kv) + 2 * h * h + 2 * 3 * h * d.ffn_hidden_size
+    attention = 2 * 2 * t * t * h  # QK^T and AV over the full (masked) square, as megatron
+    lm_head = 2 * t * h * d.vocab_size
+    return d.num_layers * (per_token_layer * t + attention) + lm_head
+
+
+def vision_forward_flops(cfg: Any) -> float:
+    """Forward FLOPs of the CLIP ViT layers actually run, plus patch embedding, per image."""
+    v = cfg.vision
+    n = v.num_patches + 1  # + CLS
+    hv = v.hidden_size
+    per_layer = n * (2 * 4 * hv * hv + 2 * 2 * hv * v.ffn_hidden_size) + 2 * 2 * n * n * hv
+    patch_embed = 2 * v.num_patches * 3 * v.patch_size ** 2 * hv
+    return v.num_layers_run * per_layer + patch_embed
+
+
+def adapter_forward_flops(cfg: Any) -> float:
+    """mlp2x_gelu adapter per image (num_patches rows)."""
+    h, hv = cfg.decoder.hidden_size, cfg.vision.hidden_size
+    return cfg.num_patches * (2 * hv * h + 2 * h * h)
+
+
+def vm_head_forward_flops(cfg: Any) -> float:
+    """VM head logits on the image rows only (that is all the KL needs), per image."""
+    return cfg.num_patches * 2 * cfg.decoder.hidden_size * cfg.decoder.vocab_size
+
+
+def _mult(trained: bool, backprop_through: bool = True) -> int:
+    return 3 if trained else (2 if backprop_through else 1)
+
+
+def step_flops(cfg: Any, num_sequences: int, tokens_per_seq: int, num_images: int) -> float:
+    """Model FLOPs of one optimizer step over ``num_sequences`` (whole global batch)."""
+    decoder = decoder_forward_flops(cfg, tokens_per_seq) * num_sequences
+    decoder *= _mult(not cfg.freeze_decoder, backprop_through=not cfg.freeze_adapter)
+    vision = vision_forward_flops(cfg) * num_images * _mult(not cfg.freeze_vision, False)
+    adapter = adapter_forward_flops(cfg) * num_images * _mult(not cfg.freeze_adapter, False)
+    vm_head = vm_head_forward_flops(cfg) * num_images * _mult(not cfg.freeze_vm_head)
+    return float(decoder + vision + adapter + vm_head)

@@ -1,0 +1,453 @@
+"""VW-LMM pretraining entry point (torchrun / srun): ``python -m pipeline.train --config X.yaml``.
+
+One process per device. The loop per optimizer step:
+  1. fetch this rank's micro-batches (global batch / (micro-batch x DP) of them),
+  2. megatron's forward/backward schedule (no pipelining, 1F1B or interleaved 1F1B),
+  3. ``finalize_model_grads`` (DP reduce-scatter + first/last-stage replica all-reduce),
+  4. DistributedOptimizer step (clipping inside), LR scheduler step,
+  5. metrics, periodic validation, periodic / preemption checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import ConfigError, TrainConfig, describe_fields, load_config
+from pipeline.validate import check_fp8_available, check_layout, check_manifest, check_model
+
+# Hook for the HF import of the conversion issue: `model.init_from` takes a megatron dist
+# checkpoint (what `vwlmm-convert import` writes); weights only, any TP/PP layout.
+
+
+def build_model_config(cfg: TrainConfig):
+    """The ``VWLMMConfig`` of this run: preset + overrides + precision flags."""
+    from megatron_vwlmm.model import get_preset
+
+    changes = dict(cfg.model.overrides)
+    changes.setdefault("bf16", cfg.precision.bf16)
+    changes.setdefault("fp8", cfg.precision.fp8)
+    try:
+        return get_preset(cfg.model.preset, vision=cfg.model.vision, **changes)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model (preset {cfg.model.preset!r}, overrides {changes}): {exc}") \
+            from exc
+
+
+def transformer_overrides(cfg: TrainConfig) -> Dict[str, Any]:
+    p = cfg.parallel
+    out: Dict[str, Any] = {"sequence_parallel": p.sequence_parallel}
+    if p.vpp:
+        out["virtual_pipeline_model_parallel_size"] = p.vpp
+    if p.recompute_granularity:
+        out["recompute_granularity"] = p.recompute_granularity
+        if p.recompute_granularity == "full":
+            out["recompute_method"] = p.recompute_method
+            out["recompute_num_layers"] = p.recompute_num_layers or 1
+    if cfg.precision.fp8:
+        out["fp8_recipe"] = cfg.precision.fp8_recipe
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# model / optimizer construction
+# ------------------------------------------------------------------------------------------
+
+
+def build_model_chunks(cfg: TrainConfig, model_cfg) -> List[torch.nn.Module]:
+    """One VWLMMModel per virtual stage, on the device, wrapped in megatron DDP."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.enums import ModelType
+
+    from megatron_vwlmm.model import build_model
+
+    chunks = []
+    for vp in range(cfg.parallel.vpp or 1):
+        vp_stage = vp if cfg.parallel.vpp else None
+        model = build_model(
+            model_cfg,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            vp_stage=vp_stage,
+            transformer_overrides=transformer_overrides(cfg),
+        )
+        model.model_type = ModelType.encoder_or_decoder  # read by the schedules (as Megatron-LM)
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    ddp_cfg = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        check_for_nan_in_grad=True,
+    )
+    return [
+        DistributedDataParallel(config=m.config, ddp_config=ddp_cfg, module=m,
+                                disable_bucketing=i > 0)
+        for i, m in enumerate(chunks)
+    ]
+
+
+def wire_schedule_config(chunks, optimizer, cfg: TrainConfig) -> None:
+    """Hooks megatron's schedules read from the model config (as Megatron-LM's training.py)."""
+    from megatron_vwlmm.parallel.stage_replicas import finalize_model_grads
+
+    config = chunks[0].module.config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    no_sync = [c.no_sync for c in chunks]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    if cfg.parallel.overlap_grad_reduce:
+        grad_sync = [c.start_grad_sync for c in chunks]
+        config.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
+    if cfg.parallel.overlap_param_gather:
+        param_sync = [c.start_param_sync for c in chunks]
+        config.param_sync_func = param_sync[0] if len(param_sync) == 1 else param_sync
+
+
+# ------------------------------------------------------------------------------------------
+# one step
+# ------------------------------------------------------------------------------------------
+
+
+def forward_step_func(data_iterator, model):
+    """megatron's forward_step_func: the batch is already on the device (None off first/last)."""
+    from megatron_vwlmm.model.forward_step import forward_step, loss_func
+
+    batch = next(data_iterator) if data_iterator is not None else None
+    if batch is None:  # middle pipeline stage: hidden states come from the previous stage
+        inner = model
+        while hasattr(inner, "module"):
+            inner = inner.module
+        output = model(tokens=None, image_token_mask=None, images=None, labels=None)
+        return output, functools.partial(loss_func, inner.vwlmm_config.lambda_vm)
+    return forward_step(batch, model)
+
+
+class StepData:
+    """Pulls a step's micro-batches off the loader and fans them out to the model chunks."""
+
+    def __init__(self, loader_iter, needs_data: bool, device: torch.device,
+                 num_chunks: int) -> None:
+        self.loader_iter, self.needs_data = loader_iter, needs_data
+        self.device, self.num_chunks = device, num_chunks
+
+    def next_step(self, num_microbatches: int):
+        """(per-chunk iterators, keys, num_images, num_lm_tokens) of one step."""
+        if not self.needs_data:
+            return [iter([None] * num_microbatches)] * self.num_chunks, [], 0, 0
+        batches, keys = [], []
+        for _ in range(num_microbatches):
+            batch, batch_keys = next(self.loader_iter)
+            batches.append(batch.to(self.device))
+            keys.extend(batch_keys)
+        images = sum(b.num_images for b in batches)
+        lm_tokens = sum(b.num_lm_tokens for b in batches)
+        return [iter(batches) for _ in range(self.num_chunks)], keys, images, lm_tokens
+
+
+def reduce_losses(losses_reduced: List[Dict[str, torch.Tensor]],
+                  lambda_vm: float) -> Dict[str, float]:
+    """Mean over micro-batches, then over DP ranks (only meaningful on the last stage).
+
+    ``total_loss`` is recomputed from the parts: the schedule divides the loss tensor by the
+    number of micro-batches in place, and a detached view of it shares that storage.
+    """
+    from megatron.core import parallel_state as ps
+
+    if not losses_reduced:
+        return {}
+    keys = sorted(k for k in losses_reduced[0] if k != "total_loss")
+    values = torch.stack([torch.stack([d[k].float() for d in losses_reduced]).mean(0)
+                          for k in keys])
+    dp_group = ps.get_data_parallel_group(with_context_parallel=True)
+    if dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(values, group=dp_group)
+        values /= dist.get_world_size(dp_group)
+    out = {k: float(v) for k, v in zip(keys, values.cpu())}
+    if "lm_loss" in out and "vm_loss" in out:
+        out["total_loss"] = out["lm_loss"] + lambda_vm * out["vm_loss"]
+    return out
+
+
+def _sum_over_dp(value: float) -> int:
+    from megatron.core import parallel_state as ps
+
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    if torch.cuda.is_available():
+        t = t.cuda()
+    dist.all_reduce(t, group=ps.get_data_parallel_group(with_context_parallel=True))
+    return int(t.item())
+
+
+# ------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------
+
+
+def _log(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[vwlmm-train] {msg}", flush=True)
+
+
+def run(cfg: TrainConfig) -> Dict[str, Any]:
+    """Train as configured; returns a summary (last metrics, final checkpoint) on every rank."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_vwlmm.parallel.initialize import destroy_distributed, initialize_distributed
+    from pipeline.checkpoint import CheckpointManager, TrainState, latest_checkpoint
+    from pipeline.data.loader import LoaderSpec, RankData
+    from pipeline.data.manifest import load_manifest, select_shards
+    from pipeline.data.storage import S3Options
+    from pipeline.flops import step_flops
+    from pipeline.metrics import MetricsLogger, peak_memory_gib
+    from pipeline.optim import build_optimizer, build_scheduler
+    from pipeline.signals import PreemptionFlag
+
+    # --- everything checkable before touching a process group -----------------------------
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    dp_size = check_layout(cfg, world_size)
+    check_fp8_available(cfg)
+    model_cfg = build_model_config(cfg)
+    check_model(model_cfg, cfg)
+    s3 = S3Options(cfg.data.s3_endpoint_url, cfg.data.s3_region)
+    if not cfg.data.path:
+        raise ConfigError("data.path: required (the preprocessing output folder or s3:// URL)")
+    manifest = load_manifest(cfg.data.path, s3)
+    check_manifest(manifest, model_cfg, cfg)
+    shards = select_shards(manifest, cfg.data.path, cfg.data.format)
+
+    initialize_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp,
+                           seed=cfg.train.seed, backend=cfg.parallel.backend,
+                           timeout_s=cfg.parallel.timeout_s)
+    preempt = PreemptionFlag(cfg.checkpoint.save_on_signal)
+    try:
+        return _train(cfg, model_cfg, shards, s3, dp_size, preempt)
+    finally:
+        preempt.restore()
+        destroy_distributed()
+
+
+def _train(cfg, model_cfg, shards, s3, dp_size, preempt) -> Dict[str, Any]:
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from pipeline.checkpoint import CheckpointManager, TrainState, latest_checkpoint
+    from pipeline.data.loader import LoaderSpec, RankData
+    from pipeline.flops import step_flops
+    from pipeline.metrics import MetricsLogger, peak_memory_gib
+    from pipeline.optim import build_optimizer, build_scheduler
+
+    run_dir = Path(cfg.run_dir)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    if cfg.train.deterministic and torch.cuda.is_available():
+        torch.backends.cudnn.deterministic = True
+
+    chunks = build_model_chunks(cfg, model_cfg)
+    optimizer = build_optimizer(cfg, chunks)
+    scheduler = build_scheduler(cfg, optimizer)
+    wire_schedule_config(chunks, optimizer, cfg)
+    n_params = sum(p.numel() for c in chunks for p in c.parameters())
+    n_train = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
+    _log(f"layout TP={cfg.parallel.tp} PP={cfg.parallel.pp} VPP={cfg.parallel.vpp or 1} "
+         f"DP={dp_size}; rank 0 holds {n_params / 1e6:.2f}M parameters "
+         f"({n_train / 1e6:.2f}M trainable)")
+
+    ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last, cfg.to_dict(),
+                             cfg.fault.kill_during_save)
+    state = TrainState()
+    resume_from = latest_checkpoint(cfg.checkpoint_dir) if cfg.checkpoint.auto_resume else None
+    if resume_from is not None:
+        state = ckpt.load(resume_from, chunks, optimizer, scheduler)
+        _log(f"resumed from {resume_from} at iteration {state.iteration}, "
+             f"{state.consumed_samples} samples consumed")
+    elif cfg.model.init_from:
+        ckpt.load(Path(cfg.model.init_from), chunks)
+        optimizer.reload_model_params()
+        _log(f"initial weights from {cfg.model.init_from}")
+
+    # --- data --------------------------------------------------------------------------------
+    mbs, gbs = cfg.data.micro_batch_size, cfg.data.global_batch_size
+    num_microbatches = gbs // (mbs * dp_size)
+    needs_data = ps.is_pipeline_first_stage(ignore_virtual=True) or \
+        ps.is_pipeline_last_stage(ignore_virtual=True)
+    spec = LoaderSpec(
+        shards=tuple(shards), format=shards[0].format, micro_batch_size=mbs,
+        global_batch_size=gbs, dp_size=dp_size,
+        dp_rank=ps.get_data_parallel_rank(with_context_parallel=True), seed=cfg.data.seed,
+        seq_length=model_cfg.decoder.seq_length, num_patches=model_cfg.num_patches,
+        image_size=model_cfg.vision.image_size, pad_token_id=cfg.data.pad_token_id,
+        valid_fraction=cfg.data.valid_fraction, num_workers=cfg.data.num_workers,
+        prefetch_factor=cfg.data.prefetch_factor, s3=s3)
+    data = RankData(spec) if needs_data else None
+    train_data = StepData(data.train_iterator(state.consumed_samples) if data else None,
+                          needs_data, device, len(chunks))
+
+    fwd_bwd = get_forward_backward_func()
+    seq_len = model_cfg.decoder.seq_length
+    is_logger = rank == world - 1  # last PP stage, last TP/DP rank
+    metrics = MetricsLogger(run_dir, is_logger, cfg.logging.tensorboard,
+                            cfg.logging.log_interval, world, cfg.logging.peak_tflops_per_device)
+    keys_file = None
+    if cfg.logging.record_sample_keys and needs_data and ps.is_pipeline_first_stage(
+            ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        keys_file = open(run_dir / "samples" / f"dp{spec.dp_rank}.jsonl", "a")
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    last: Dict[str, Any] = {}
+    stop_reason = "finished"
+    _log(f"training iterations {state.iteration + 1}..{cfg.train.train_iters}, "
+         f"{num_microbatches} micro-batches of {mbs} per rank per step")
+    while state.iteration < cfg.train.train_iters:
+        metrics.start_step()
+        iters, keys, n_images, n_lm_tokens = train_data.next_step(num_microbatches)
+        for c in chunks:
+            c.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses = fwd_bwd(forward_step_func=forward_step_func,
+                         data_iterator=iters if len(chunks) > 1 else iters[0],
+                         model=chunks if len(chunks) > 1 else chunks[0],
+                         num_microbatches=num_microbatches, seq_length=seq_len,
+                         micro_batch_size=mbs, forward_only=False)
+        ok, grad_norm, _ = optimizer.step()
+        if not ok:
+            raise FloatingPointError(f"iteration {state.iteration + 1}: optimizer step skipped "
+                                     "(inf/nan gradients)")
+        scheduler.step(increment=1)
+        state.iteration += 1
+        state.consumed_samples += gbs
+        if keys_file is not None:
+            keys_file.write(json.dumps({"iteration": state.iteration, "keys": keys}) + "\n")
+            keys_file.flush()
+
+        # Per-step accounting: images/tokens summed over DP (first stage knows the batch).
+        reduced = reduce_losses(losses, model_cfg.lambda_vm) if ps.is_pipeline_last_stage(ignore_virtual=True) else {}
+        total_images = _sum_over_dp(n_images) if needs_data else 0
+        total_lm_tokens = _sum_over_dp(n_lm_tokens) if needs_data else 0
+        flops = step_flops(model_cfg, gbs, seq_len, total_images)
+        lr = next(g["lr"] for g in optimizer.param_groups)
+        last = metrics.log_step(state.iteration, reduced, grad_norm, lr, gbs, gbs * seq_len,
+                                flops, peak_memory_gib(),
+                                extra={"supervised_tokens": total_lm_tokens,
+                                       "consumed_samples": state.consumed_samples})
+
+        if cfg.train.eval_interval and state.iteration % cfg.train.eval_interval == 0 and \
+                cfg.data.valid_fraction > 0:
+            valid = evaluate(cfg, chunks, data, needs_data, device, num_microbatches, fwd_bwd,
+                             seq_len)
+            metrics.log_eval(state.iteration, valid)
+
+        preempted = preempt.any_rank_received() if cfg.checkpoint.save_on_signal else False
+        periodic = cfg.checkpoint.save_interval and \
+            state.iteration % cfg.checkpoint.save_interval == 0
+        final = state.iteration == cfg.train.train_iters
+        if preempted or periodic or final:
+            path = ckpt.save(state, chunks, optimizer, scheduler)
+            _log(f"saved checkpoint {path}")
+        if cfg.fault.kill_after_step == state.iteration:
+            os.kill(os.getpid(), signal.SIGKILL)  # failure injection for resume tests
+        if preempted:
+            stop_reason = "preempted"
+            _log(f"signal received: checkpointed iteration {state.iteration} and stopping")
+            break
+
+    if keys_file is not None:
+        keys_file.close()
+    metrics.close()
+    _log(f"{stop_reason}: iteration {state.iteration}, run folder {run_dir.resolve()}, "
+         f"checkpoints {cfg.checkpoint_dir.resolve()}")
+    return {"state": state, "last": last, "stop_reason": stop_reason}
+
+
+def evaluate(cfg, chunks, data, needs_data, device, num_microbatches, fwd_bwd, seq_len):
+    """Forward-only pass over ``eval_iters`` global batches of the validation split."""
+    from megatron.core import parallel_state as ps
+
+    loader = StepData(data.valid_iterator() if data else None, needs_data, device, len(chunks))
+    for c in chunks:
+        c.eval()
+    collected: List[Dict[str, torch.Tensor]] = []
+    with torch.no_grad():
+        for _ in range(cfg.train.eval_iters):
+            iters, _, _, _ = loader.next_step(num_microbatches)
+            out = fwd_bwd(forward_step_func=forward_step_func,
+                          data_iterator=iters if len(chunks) > 1 else iters[0],
+                          model=chunks if len(chunks) > 1 else chunks[0],
+                          num_microbatches=num_microbatches, seq_length=seq_len,
+                          micro_batch_size=cfg.data.micro_batch_size, forward_only=True)
+            collected.extend(out or [])
+    for c in chunks:
+        c.train()
+    return reduce_losses(collected, chunks[0].module.vwlmm_config.lambda_vm) if ps.is_pipeline_last_stage(ignore_virtual=True) else {}
+
+
+# ------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------
+
+_EPILOG = """\
+launch:
+  torchrun --nproc_per_node 8 --nnodes N --rdzv-endpoint HOST:PORT -m pipeline.train \\
+      --config configs/stage1-vicuna-7b.yaml --set data.path=/data/llava_558k --set run_dir=runs/s1
+  (also installed as `vwlmm-train`; under Slurm run the same module from `srun`, exporting
+  RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from SLURM_* variables.)
+
+presets: configs/tiny-cpu.yaml, stage1-vicuna-7b, stage1-mistral-7b, stage2-vicuna-7b,
+  stage2-mistral-7b. A run resumes automatically from <run_dir>/checkpoints/latest.
+  SIGTERM/SIGUSR1 -> checkpoint and clean exit. Metrics: <run_dir>/metrics.jsonl and
+  <run_dir>/tensorboard; `python -m pipeline.plot <run_dir>` draws the loss curves.
+
+every --set key (with its default):
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.train",
+        description="Pretrain VW-LMM on megatron-core (TP x PP x DP) from tokenized shards.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG + describe_fields())
+    parser.add_argument("--config", help="YAML preset (see configs/); omit to use defaults")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config field, e.g. --set optim.lr=2e-5 or "
+                             "--set model.overrides.decoder.num_layers=8 (repeatable)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            return
+        run(cfg)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

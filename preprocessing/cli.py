@@ -1,0 +1,135 @@
+"""``vwlmm-preprocess``: raw image-text data -> tokenized WebDataset / Arrow shards (Ray job).
+
+Also ``vwlmm-preprocess build-tokenizer OUT_DIR``: write the Mistral-7B tokenizer shipped in
+the mistral_common wheel as a Hugging Face tokenizer folder (used by tests and the demo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from preprocessing.config import IMAGE_MODES, OUTPUT_FORMATS, OVERLONG, TEMPLATES, PreprocessConfig
+
+EPILOG = """\
+examples:
+  # LAION-style img2dataset shards (tar + parquet pairs), caption pretraining
+  ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+    vwlmm-preprocess --source laion --input 'data/laion/*.tar' 'data/laion/*.parquet' \\
+      --tokenizer tok/ --template plain --output s3://bucket/pretrain --format both
+
+  # LLaVA-665K / ShareGPT4V conversations
+  vwlmm-preprocess --source llava --input llava_v1_5_mix665k.json --image-root data/images \\
+    --tokenizer tok/ --template vicuna_v1 --output out/sft
+
+  # a HF tokenizer folder from the mistral_common wheel (no network needed)
+  vwlmm-preprocess build-tokenizer tok/
+
+Rerunning the same command resumes: finished shards are kept, the rest is redone, and the result
+is byte-identical to an uninterrupted run. Outside `ray job submit` the command joins
+--ray-address (or RAY_ADDRESS) or starts a local Ray. S3 uses boto3's standard AWS configuration.
+Output: shards (shard-NNNNNN.tar / .arrow; webdataset/ and arrow/ subfolders with --format
+both), manifest.json (written last) and rejects.jsonl (source_id, key, reason, detail).
+"""
+
+
+def _float_or_none(s: str):
+    return None if s.lower() == "none" else float(s)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vwlmm-preprocess", description=__doc__.split("\n\n")[0],
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = p.add_argument_group("input / output")
+    io.add_argument("--source", required=True, choices=["laion", "llava", "sharegpt4v"],
+                    help="laion: img2dataset tars (+ parquet metadata joined by key); "
+                         "llava (alias sharegpt4v): conversation JSON + --image-root")
+    io.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                    help="files, globs or s3:// URIs (quote globs). laion: .tar and matching "
+                         ".parquet (same stem); llava: .json arrays")
+    io.add_argument("--image-root", help="folder or s3:// prefix that LLaVA 'image' paths are relative to")
+    io.add_argument("--output", required=True, help="output folder or s3://bucket/prefix")
+    io.add_argument("--format", default="webdataset", choices=OUTPUT_FORMATS,
+                    help="shard format (default %(default)s); both = webdataset/ + arrow/ with identical samples")
+    io.add_argument("--samples-per-shard", type=int, default=1000,
+                    help="input records per unit/shard (default %(default)s); shards hold fewer when records are rejected")
+    io.add_argument("--s3-endpoint", help="endpoint URL of an S3-compatible store, e.g. http://127.0.0.1:8333")
+    io.add_argument("--overwrite", action="store_true", help="delete --output first instead of resuming")
+    tk = p.add_argument_group("text")
+    tk.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer folder (fast tokenizer)")
+    tk.add_argument("--template", default="plain", choices=TEMPLATES,
+                    help="plain: image + caption (pretraining); vicuna_v1 / mistral: chat, answers supervised (default %(default)s)")
+    tk.add_argument("--max-seq-len", type=int, default=2048,
+                    help="maximum tokens after image splicing, each image counting its patches (default %(default)s)")
+    tk.add_argument("--overlong", default="drop", choices=OVERLONG,
+                    help="samples over --max-seq-len: drop (reject 'too_long') or truncate text (default %(default)s)")
+    tk.add_argument("--no-dedup", dest="dedup", action="store_false",
+                    help="keep exact duplicates (same image bytes and text); dedup is on by default")
+    im = p.add_argument_group("images")
+    im.add_argument("--image-size", type=int, default=336, help="vision resolution (default %(default)s)")
+    im.add_argument("--patch-size", type=int, default=14,
+                    help="vision patch size; an image counts (size/patch)^2 tokens (default %(default)s)")
+    im.add_argument("--image-mode", default="pad", choices=IMAGE_MODES,
+                    help="pad: LLaVA pad-to-square with the CLIP mean colour; resize: squash; "
+                         "crop: short side + centre crop (default %(default)s)")
+    im.add_argument("--jpeg-quality", type=int, default=95, help="re-encoding quality (default %(default)s)")
+    im.add_argument("--max-image-pixels", type=int, default=89_478_485,
+                    help="decompression-bomb limit in pixels (default %(default)s)")
+    im.add_argument("--min-image-side", type=int, default=10,
+                    help="reject images whose short side is smaller (default %(default)s)")
+    im.add_argument("--max-aspect-ratio", type=_float_or_none, default=None,
+                    help="reject images with long/short side above this (default off)")
+    fl = p.add_argument_group("LAION filters (off unless given)")
+    fl.add_argument("--max-punsafe", type=float, help="reject punsafe above this, e.g. 0.5")
+    fl.add_argument("--max-pwatermark", type=float, help="reject pwatermark above this, e.g. 0.8")
+    fl.add_argument("--min-similarity", type=float, help="reject CLIP similarity below this, e.g. 0.28")
+    fl.add_argument("--min-caption-chars", type=int, default=1, help="default %(default)s")
+    fl.add_argument("--max-caption-chars", type=int, help="default off")
+    rt = p.add_argument_group("runtime")
+    rt.add_argument("--num-workers", type=int,
+                    help="concurrent Ray tasks (default: the cluster's CPUs); never changes the output")
+    rt.add_argument("--ray-address", help="Ray cluster to join, e.g. 127.0.0.1:6379 (default: RAY_ADDRESS or a local Ray)")
+    rt.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def config_from_args(argv: list[str] | None = None) -> PreprocessConfig:
+    args = build_parser().parse_args(argv)
+    kwargs = vars(args)
+    kwargs["inputs"] = kwargs.pop("input")
+    return PreprocessConfig(**kwargs)
+
+
+def _build_tokenizer(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="vwlmm-preprocess build-tokenizer",
+        description="Convert Mistral-7B's SentencePiece model from the mistral_common wheel into "
+                    "a Hugging Face tokenizer folder (32000 pieces, BOS=1, EOS=2).")
+    p.add_argument("out_dir", help="folder to create (kept if it already holds tokenizer.json)")
+    args = p.parse_args(argv)
+    from preprocessing.tokenizer import build_mistral_hf_tokenizer
+
+    print(build_mistral_hf_tokenizer(args.out_dir))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if argv and argv[0] == "build-tokenizer":
+        return _build_tokenizer(argv[1:])
+    try:
+        cfg = config_from_args(argv)
+    except ValueError as exc:
+        print(f"vwlmm-preprocess: error: {exc}", file=sys.stderr)
+        return 2
+    from preprocessing.runner import run
+
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

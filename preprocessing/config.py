@@ -1,0 +1,114 @@
+"""Typed, validated configuration of one preprocessing job.
+
+Fields split in two groups: *content* fields decide the bytes of the output (they are hashed into
+the job fingerprint and recorded in the manifest), *runtime* fields only decide how fast or where
+the job runs (worker count, Ray address) and are kept out of both, so that a 1-worker and an
+N-worker run write byte-identical manifests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+SOURCES = ("laion", "llava")
+SOURCE_ALIASES = {"sharegpt4v": "llava"}
+TEMPLATES = ("plain", "vicuna_v1", "mistral")
+OUTPUT_FORMATS = ("webdataset", "arrow", "both")
+IMAGE_MODES = ("pad", "resize", "crop")
+OVERLONG = ("drop", "truncate")
+# ``output`` is runtime too: the manifest lives in it, and moving a dataset must not change it.
+RUNTIME_FIELDS = ("output", "num_workers", "ray_address", "overwrite", "s3_endpoint", "progress")
+
+
+def _fail(name: str, value, why: str) -> None:
+    raise ValueError(f"config field {name!r}={value!r}: {why}")
+
+
+@dataclass
+class PreprocessConfig:
+    source: str
+    inputs: list[str]
+    tokenizer: str
+    output: str
+    template: str = "plain"
+    image_root: str | None = None
+    format: str = "webdataset"
+    # Images: CLIP ViT-L/14-336 by default -> (336 / 14)^2 = 576 patch tokens per image.
+    image_size: int = 336
+    patch_size: int = 14
+    image_mode: str = "pad"
+    jpeg_quality: int = 95
+    max_image_pixels: int = 89_478_485  # Pillow's own decompression-bomb threshold
+    min_image_side: int = 10
+    max_aspect_ratio: float | None = None
+    # LAION filters (None = off).
+    max_punsafe: float | None = None
+    max_pwatermark: float | None = None
+    min_similarity: float | None = None
+    min_caption_chars: int = 1
+    max_caption_chars: int | None = None
+    # Sequences.
+    max_seq_len: int = 2048
+    overlong: str = "drop"
+    samples_per_shard: int = 1000
+    dedup: bool = True
+    # Runtime only (see module docstring).
+    num_workers: int | None = None
+    ray_address: str | None = None
+    s3_endpoint: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.source = SOURCE_ALIASES.get(self.source, self.source)
+        if self.source not in SOURCES:
+            _fail("source", self.source, f"must be one of {SOURCES} (or alias 'sharegpt4v')")
+        if not self.inputs:
+            _fail("inputs", self.inputs, "at least one input file, glob or s3:// URI is needed")
+        if self.source == "llava" and not self.image_root:
+            _fail("image_root", self.image_root, "--source llava needs --image-root")
+        for name, allowed in (
+            ("template", TEMPLATES), ("format", OUTPUT_FORMATS),
+            ("image_mode", IMAGE_MODES), ("overlong", OVERLONG),
+        ):
+            if getattr(self, name) not in allowed:
+                _fail(name, getattr(self, name), f"must be one of {allowed}")
+        if self.image_size <= 0 or self.patch_size <= 0 or self.image_size % self.patch_size:
+            _fail("image_size", self.image_size,
+                  f"must be a positive multiple of patch_size={self.patch_size}")
+        if not 1 <= self.jpeg_quality <= 100:
+            _fail("jpeg_quality", self.jpeg_quality, "must be in 1..100")
+        for name in ("samples_per_shard", "max_seq_len", "max_image_pixels", "min_image_side"):
+            if getattr(self, name) < 1:
+                _fail(name, getattr(self, name), "must be >= 1")
+        if self.max_seq_len <= self.num_patches:
+            _fail("max_seq_len", self.max_seq_len,
+                  f"must exceed the {self.num_patches} tokens of one image")
+        if self.max_aspect_ratio is not None and self.max_aspect_ratio < 1:
+            _fail("max_aspect_ratio", self.max_aspect_ratio, "must be >= 1 (long side / short side)")
+        if self.min_caption_chars < 0:
+            _fail("min_caption_chars", self.min_caption_chars, "must be >= 0")
+        if self.num_workers is not None and self.num_workers < 1:
+            _fail("num_workers", self.num_workers, "must be >= 1")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return ("webdataset", "arrow") if self.format == "both" else (self.format,)
+
+    def content_dict(self) -> dict:
+        """Fields that decide the output bytes (recorded as the manifest's ``config``)."""
+        d = dataclasses.asdict(self)
+        for name in RUNTIME_FIELDS:
+            d.pop(name)
+        return d
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.content_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()

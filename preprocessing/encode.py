@@ -1,0 +1,120 @@
+"""One raw record -> one tokenized sample, or a reject with its reason.
+
+Checks run cheapest first (metadata filters, template, length) so bad records never cost an
+image decode.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from preprocessing.config import PreprocessConfig
+from preprocessing.images import ImageReject, ImageSettings, process_image
+from preprocessing.schema import IGNORE_INDEX, IMAGE_TOKEN_ID
+from preprocessing.sources import RawRecord
+from preprocessing.templates import TemplateError, tokenize
+
+
+@dataclass
+class Sample:
+    key: str
+    source_id: str
+    images: list[bytes]
+    input_ids: np.ndarray
+    labels: np.ndarray
+    num_images: int
+    num_tokens: int
+    template: str
+    meta: str
+
+    def header(self) -> dict:
+        """The ``{key}.json`` member of the WebDataset layout."""
+        return {"source_id": self.source_id, "template": self.template,
+                "num_images": self.num_images, "num_tokens": self.num_tokens, "meta": self.meta}
+
+
+class Reject(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def image_settings(cfg: PreprocessConfig) -> ImageSettings:
+    return ImageSettings(size=cfg.image_size, mode=cfg.image_mode, jpeg_quality=cfg.jpeg_quality,
+                         max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side,
+                         max_aspect_ratio=cfg.max_aspect_ratio)
+
+
+def _number(meta: dict, name: str) -> float | None:
+    value = meta.get(name)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def metadata_filters(rec: RawRecord, cfg: PreprocessConfig) -> None:
+    """LAION-style filters on metadata and caption; a missing score never rejects."""
+    for name, limit, reason, above in (
+        ("punsafe", cfg.max_punsafe, "unsafe", True),
+        ("pwatermark", cfg.max_pwatermark, "watermark", True),
+        ("similarity", cfg.min_similarity, "low_similarity", False),
+    ):
+        value = _number(rec.meta, name)
+        if limit is not None and value is not None and (value > limit if above else value < limit):
+            raise Reject(reason, f"{name}={value:g} {'>' if above else '<'} {limit:g}")
+    if cfg.source == "laion" and rec.turns:
+        n = len(rec.turns[-1].text.strip())
+        if n < cfg.min_caption_chars:
+            raise Reject("caption_too_short", f"{n} chars < {cfg.min_caption_chars}")
+        if cfg.max_caption_chars is not None and n > cfg.max_caption_chars:
+            raise Reject("caption_too_long", f"{n} chars > {cfg.max_caption_chars}")
+
+
+def _fit_length(ids: np.ndarray, labels: np.ndarray, n_img: int, cfg: PreprocessConfig):
+    num_tokens = len(ids) + n_img * (cfg.num_patches - 1)
+    if num_tokens <= cfg.max_seq_len:
+        return ids, labels, num_tokens
+    if cfg.overlong == "drop":
+        raise Reject("too_long", f"{num_tokens} tokens > max_seq_len {cfg.max_seq_len}")
+    keep = len(ids) - (num_tokens - cfg.max_seq_len)
+    if int((ids[:keep] == IMAGE_TOKEN_ID).sum()) != n_img:
+        raise Reject("too_long", f"truncating {num_tokens} tokens to {cfg.max_seq_len} cuts an image")
+    ids, labels = ids[:keep], labels[:keep]
+    if not (labels != IGNORE_INDEX).any():
+        raise Reject("too_long", "no supervised token left after truncation")
+    return ids, labels, cfg.max_seq_len
+
+
+def encode(rec: RawRecord, cfg: PreprocessConfig, tokenizer) -> Sample:
+    if rec.error is not None:
+        raise Reject(*rec.error)
+    metadata_filters(rec, cfg)
+    try:
+        tok = tokenize(cfg.template, rec.turns, tokenizer)
+    except TemplateError as exc:
+        raise Reject(exc.reason, exc.detail) from exc
+    if tok.num_images != len(rec.images):
+        raise Reject("image_tag_mismatch",
+                     f"{tok.num_images} placeholder(s) for {len(rec.images)} image(s)")
+    ids, labels, num_tokens = _fit_length(tok.input_ids, tok.labels, tok.num_images, cfg)
+    settings = image_settings(cfg)
+    images = []
+    for i, data in enumerate(rec.images):
+        try:
+            images.append(process_image(data, settings))
+        except ImageReject as exc:
+            detail = exc.detail if len(rec.images) == 1 else f"image {i}: {exc.detail}"
+            raise Reject(exc.reason, detail) from exc
+    return Sample(key=rec.key, source_id=rec.source_id, images=images, input_ids=ids,
+                  labels=labels, num_images=tok.num_images, num_tokens=num_tokens,
+                  template=cfg.template, meta=rec.meta_json())
+
+
+def header_bytes(sample: Sample) -> bytes:
+    return json.dumps(sample.header(), sort_keys=True, ensure_ascii=False).encode()

@@ -1,0 +1,108 @@
+"""Image decoding and normalisation to the vision encoder's input: bytes in, JPEG bytes out.
+
+Every failure is an ``ImageReject`` carrying the reject reason, so one bad file never crashes a
+worker. ``pad`` follows LLaVA-1.5's ``expand2square``: the image is centred on a square filled
+with the CLIP mean colour, so padding normalises to ~0 and carries no signal.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from preprocessing.schema import CLIP_MEAN
+
+PAD_COLOR = tuple(int(round(c * 255)) for c in CLIP_MEAN)
+_RESAMPLE = Image.Resampling.BICUBIC  # as CLIPImageProcessor
+
+
+class ImageReject(ValueError):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    size: int = 336
+    mode: str = "pad"  # pad | resize (squash) | crop (short side + centre crop, CLIP default)
+    jpeg_quality: int = 95
+    max_pixels: int = 89_478_485
+    min_side: int = 10
+    max_aspect_ratio: float | None = None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB, compositing transparency onto the pad colour."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit and float greyscale: Pillow's convert() clips to 0..255; rescale by range.
+        arr = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if im.mode == "F":
+            hi = max(float(arr.max(initial=0)), 1e-12)
+        im = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("LA", "La", "PA", "RGBa"):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        background = Image.new("RGB", im.size, PAD_COLOR)
+        background.paste(im, mask=im.getchannel("A"))
+        return background
+    return im.convert("RGB") if im.mode != "RGB" else im
+
+
+def _fit(im: Image.Image, s: ImageSettings) -> Image.Image:
+    w, h = im.size
+    if s.mode == "pad":
+        side = max(w, h)
+        square = Image.new("RGB", (side, side), PAD_COLOR)
+        square.paste(im, ((side - w) // 2, (side - h) // 2))
+        return square.resize((s.size, s.size), _RESAMPLE)
+    if s.mode == "resize":
+        return im.resize((s.size, s.size), _RESAMPLE)
+    scale = s.size / min(w, h)  # crop
+    im = im.resize((max(s.size, round(w * scale)), max(s.size, round(h * scale))), _RESAMPLE)
+    left, top = (im.width - s.size) // 2, (im.height - s.size) // 2
+    return im.crop((left, top, left + s.size, top + s.size))
+
+
+def process_image(data: bytes, s: ImageSettings) -> bytes:
+    """Decode, orient, convert, check, pad/resize and re-encode one image."""
+    Image.MAX_IMAGE_PIXELS = s.max_pixels
+    try:
+        with warnings.catch_warnings():
+            # Pillow only *warns* between 1x and 2x MAX_IMAGE_PIXELS; treat it as the error it is.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if w * h > s.max_pixels:
+                raise ImageReject("image_too_large", f"{w}x{h} exceeds {s.max_pixels} pixels")
+            if min(w, h) < s.min_side:
+                raise ImageReject("image_too_small", f"{w}x{h}, minimum side is {s.min_side}")
+            if s.max_aspect_ratio and max(w, h) / min(w, h) > s.max_aspect_ratio:
+                raise ImageReject("aspect_ratio_too_large",
+                                  f"{w}x{h}, ratio above {s.max_aspect_ratio}")
+            if im.format == "JPEG" and s.mode != "crop":
+                # Decode at a reduced DCT scale when the photo is much larger than the target:
+                # several times faster, and every reduced side stays >= the target size.
+                im.draft("RGB", (s.size, s.size))
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except ImageReject:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageReject("image_too_large", str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageReject("image_corrupt", "not a recognised image format") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        raise ImageReject("image_corrupt", f"{type(exc).__name__}: {exc}") from exc
+    out = io.BytesIO()
+    _fit(_to_rgb(im), s).save(out, format="JPEG", quality=s.jpeg_quality)
+    return out.getvalue()
+
