@@ -136,6 +136,35 @@ def _flat_model_sd(model_sd: Dict[str, Any]) -> Dict[str, Any]:
     return merged
 
 
+def _die_with_parent() -> None:
+    """Runs in megatron's checkpoint-queue Manager process: exit when the trainer dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: nothing to tie to
+        pass
+
+
+def install_checkpoint_queue() -> None:
+    """Start megatron's write-results queue ourselves, with a Manager tied to this process.
+
+    megatron's torch_dist writer lazily starts a spawn-context ``Manager`` server on the first
+    save. If the trainer is then killed (OOM killer, preemption without grace, node fault), that
+    server is orphaned and keeps the launcher's stdout open, so torchrun/srun never see EOF.
+    Starting it here with PR_SET_PDEATHSIG makes it die with the trainer.
+    """
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=_die_with_parent)
+        filesystem_async._results_queue = manager.Queue()
+
+
 def _materialize_optimizer_state(optimizer) -> None:
     """Give a never-stepped DistributedOptimizer its Adam state tensors before a load.
 
@@ -150,6 +179,46 @@ def _materialize_optimizer_state(optimizer) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
+def _load_optimizer(optimizer, state: Dict[str, Any]) -> None:
+    """``optimizer.load_state_dict`` plus two fixes for megatron-core without Apex/TE (CPU).
+
+    There torch's AdamW keeps a per-parameter ``step`` tensor that megatron (a) expects among
+    the reshardable per-parameter tensors, which it never saves (KeyError on load), and (b)
+    restores as *one* tensor shared by every parameter, which AdamW would then increment once
+    per parameter per step (wrong bias correction after resume). (a): the missing source is the
+    destination's own step; (b): each parameter gets its own copy afterwards.
+    """
+    optimizers = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    originals = []
+    for opt in optimizers:
+        setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if setter is None:
+            originals.append(None)
+            continue
+
+        def patched(model_param, tensors, _opt=opt, _setter=setter):
+            group_index, group_order = _opt.model_param_group_index_map[model_param]
+            main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
+            own = _opt.optimizer.state.get(main_param, {})
+            if "step" in own and "step" not in tensors:
+                tensors = {**tensors, "step": own["step"]}
+            return _setter(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = patched
+        originals.append(setter)
+    try:
+        optimizer.load_state_dict(state)
+    finally:
+        for opt, setter in zip(optimizers, originals):
+            if setter is not None:
+                del opt._set_main_param_and_optimizer_states
+    for opt in optimizers:
+        inner = getattr(opt, "optimizer", None)
+        for param_state in (inner.state.values() if inner is not None else []):
+            if isinstance(param_state.get("step"), torch.Tensor):
+                param_state["step"] = param_state["step"].clone()
+
+
 class CheckpointManager:
     """Save / load / prune checkpoints of one run; every rank calls every method."""
 
@@ -159,6 +228,7 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.config_dict = config_dict
         self.fault_kill_during_save = fault_kill_during_save
+        install_checkpoint_queue()
 
     # ---------------------------------------------------------------- save
     def save(self, state: TrainState, model_chunks, optimizer, scheduler) -> Path:
@@ -235,7 +305,7 @@ class CheckpointManager:
             _unwrap(chunk).load_state_dict(loaded[key])
         if optimizer is None:
             return TrainState()
-        optimizer.load_state_dict(loaded["optimizer"])
+        _load_optimizer(optimizer, loaded["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(common["scheduler"])
         if "rng_state" in loaded:

@@ -94,6 +94,7 @@ def _longest_sample(manifest: Dict[str, Any]):
         entry = stats.get(key)
         if isinstance(entry, dict) and "max" in entry:
             return int(entry["max"])
-    if "max_num_tokens" in stats:
-        return int(stats["max_num_tokens"])
+    for key in ("max_tokens", "max_num_tokens"):  # preprocessing writes statistics.max_tokens
+        if stats.get(key) is not None:
+            return int(stats[key])
     return None

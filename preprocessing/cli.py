@@ -127,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from preprocessing.runner import run
 
-    run(cfg)
+    try:
+        run(cfg)
+    except (ValueError, FileNotFoundError) as exc:  # bad inputs or a config clash: no traceback
+        logging.getLogger("vwlmm.preprocess").error("%s", exc)
+        return 1
     return 0
 
 

@@ -72,14 +72,23 @@ def _fit(im: Image.Image, s: ImageSettings) -> Image.Image:
     return im.crop((left, top, left + s.size, top + s.size))
 
 
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Image.open with Pillow's bomb check at our limit (restored after: it is a global)."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        return Image.open(io.BytesIO(data))
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
 def process_image(data: bytes, s: ImageSettings) -> bytes:
     """Decode, orient, convert, check, pad/resize and re-encode one image."""
-    Image.MAX_IMAGE_PIXELS = s.max_pixels
     try:
         with warnings.catch_warnings():
             # Pillow only *warns* between 1x and 2x MAX_IMAGE_PIXELS; treat it as the error it is.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im = _open(data, s.max_pixels)
             w, h = im.size
             if w * h > s.max_pixels:
                 raise ImageReject("image_too_large", f"{w}x{h} exceeds {s.max_pixels} pixels")

@@ -228,6 +228,7 @@ def run(cfg: PreprocessConfig) -> dict:
     for r in _run_bounded(ray, process_unit, todo, workers, options, tick):
         results[r["index"]] = r
     bar.close()
+    _remove_stale_temps(cfg.output)  # left by workers that died mid-write and were retried
     manifest = _finalize(cfg, tok_info, [results[u["index"]] for u in units])
     dt = time.perf_counter() - t1
     log.info("done: %d samples written, %d rejected %s, %d shard(s), %.1fs (%.1f samples/s)",

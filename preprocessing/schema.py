@@ -47,13 +47,6 @@ def shard_name(index: int, fmt: str) -> str:
     return f"shard-{index:06d}.{'tar' if fmt == 'webdataset' else 'arrow'}"
 
 
-def webdataset_member_names(key: str, num_images: int) -> list[str]:
-    """Tar member names of one sample, in the order they are written (webdataset sorts them)."""
-    names = [f"{key}.img{i}.jpg" for i in range(num_images)]
-    names += [f"{key}.input_ids.npy", f"{key}.json", f"{key}.labels.npy"]
-    return sorted(names)
-
-
 @dataclass(frozen=True)
 class ShardInfo:
     """One shard file: ``path`` is relative to the manifest's folder."""

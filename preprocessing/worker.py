@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 from preprocessing import storage
 from preprocessing.config import PreprocessConfig
@@ -76,7 +75,6 @@ def process_unit(cfg_dict: dict, unit: dict, decisions: dict[int, list]) -> dict
     record_uri = unit_record_uri(cfg.output, unit["index"])
     if storage.exists(record_uri):
         return json.loads(storage.read_bytes(record_uri))
-    t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg.tokenizer)
     shards = {fmt: storage.join(cfg.output, shard_relpath(cfg, fmt, unit["index"]))
               for fmt in cfg.formats}
@@ -119,5 +117,4 @@ def process_unit(cfg_dict: dict, unit: dict, decisions: dict[int, list]) -> dict
     result = {"index": unit["index"], "num_records": n_records, "num_samples": n_good,
               "shards": shard_entries, "rejects": rejects, "stats": stats}
     storage.write_bytes(record_uri, json.dumps(result, sort_keys=True).encode())
-    result["seconds"] = time.perf_counter() - t0  # returned for progress, not persisted
     return result

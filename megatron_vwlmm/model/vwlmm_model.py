@@ -24,6 +24,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.vision.clip_vit_model import CLIPViTModel
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_vwlmm.losses import visual_word_kl
@@ -75,6 +76,7 @@ class VWLMMModel(MegatronModule):
         self.post_process = post_process
         self.vp_stage = vp_stage
         self.share_embeddings_and_output_weights = False
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
         d, v = config.decoder, config.vision
 
         self.language_model = GPTModel(
@@ -142,14 +144,21 @@ class VWLMMModel(MegatronModule):
 
     def _mark_stage_replicas(self) -> None:
         """Flag modules that live on both the first and the last pipeline stage."""
+        self._secondary_prefixes: tuple[str, ...] = ()
         if parallel_state.get_pipeline_model_parallel_world_size() == 1:
             return
-        is_copy = self.post_process and not self.pre_process  # the last stage's copies
-        for module in (self.vision_model, self.adapter):
+        replicated = {"vision_model": self.post_process and not self.pre_process,
+                      "adapter": self.post_process and not self.pre_process}
+        if self.vwlmm_config.pif:
+            replicated["vm_head"] = self.pre_process and not self.post_process
+        for name, secondary in replicated.items():
+            module = getattr(self, name)
             if module is not None:
-                mark_stage_replicated(module, secondary=is_copy)
-        if self.vwlmm_config.pif and self.vm_head is not None:
-            mark_stage_replicated(self.vm_head, secondary=self.pre_process and not self.post_process)
+                mark_stage_replicated(module, secondary=secondary)
+        self._secondary_prefixes = tuple(
+            f"{name}." for name, secondary in replicated.items()
+            if secondary and getattr(self, name) is not None
+        )
 
     # -- megatron module protocol ----------------------------------------------------------
 
@@ -166,12 +175,10 @@ class VWLMMModel(MegatronModule):
         any layout loads it, but only the primary writes it.
         """
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        for name, param in self.named_parameters():
-            if not getattr(param, "stage_replica_secondary", False):
-                continue
-            entry = state.get(f"{prefix}{name}")
-            if entry is not None and hasattr(entry, "replica_id"):
-                rid = entry.replica_id
+        secondary = tuple(prefix + p for p in self._secondary_prefixes)
+        for name, entry in state.items():
+            if secondary and name.startswith(secondary) and hasattr(entry, "replica_id"):
+                rid = entry.replica_id  # parameters and extra states (ShardedObjects) alike
                 entry.replica_id = (1, *rid[1:]) if isinstance(rid, tuple) else rid + 1
         return state
 

@@ -85,17 +85,22 @@ def _image(members: dict[str, bytes]) -> bytes | None:
 def scan(tar_uri: str) -> list[dict]:
     """Per sample: key, byte range and dedup digest (image bytes + tar caption)."""
     out = []
-    with storage.open_read(tar_uri) as f:
-        for key, members, start, end in _iter_samples(f):
-            image = _image(members)
-            meta = _tar_meta(members)
-            text = _caption(members, meta) or ""
-            out.append({
-                "key": make_key("laion", _source_id(key, meta)),
-                "start": start,
-                "end": end,
-                "digest": content_digest([image], text) if image is not None else None,
-            })
+    try:
+        with storage.open_read(tar_uri) as f:
+            for key, members, start, end in _iter_samples(f):
+                image = _image(members)
+                meta = _tar_meta(members)
+                text = _caption(members, meta) or ""
+                out.append({
+                    "key": make_key("laion", _source_id(key, meta)),
+                    "start": start,
+                    "end": end,
+                    "digest": content_digest([image], text) if image is not None else None,
+                })
+    except tarfile.TarError as exc:
+        # A broken container (not a broken image) cannot be split into samples: stop the job
+        # with the file's name rather than silently dropping the rest of the shard.
+        raise ValueError(f"{tar_uri}: unreadable tar after {len(out)} samples: {exc}") from exc
     return out
 
 

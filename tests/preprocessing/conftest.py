@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -101,6 +102,8 @@ def ray_head():
         try:
             urllib.request.urlopen(f"{dashboard}/api/version", timeout=2)
             break
+        except urllib.error.HTTPError:  # answering (token auth may refuse anonymous calls)
+            break
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 _stop(proc)
@@ -152,3 +155,13 @@ def seaweed(tmp_path_factory):
            "env": {"AWS_ACCESS_KEY_ID": "K", "AWS_SECRET_ACCESS_KEY": "S", "AWS_REGION": "us-east-1"}}
     _stop(proc)
     out.close()
+
+
+@pytest.fixture(scope="session")
+def clean_run(ray_head, demo, tokenizer_dir, tmp_path_factory):
+    """Reference: vicuna_v1 over the LLaVA fixtures, 2 workers, uninterrupted (read-only)."""
+    out = tmp_path_factory.mktemp("clean") / "out"
+    from pp_checks import llava_args, run_cli
+
+    run_cli(ray_head, llava_args(demo, tokenizer_dir, "vicuna_v1", out) + ["--num-workers", "2"])
+    return out

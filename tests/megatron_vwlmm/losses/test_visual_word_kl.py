@@ -142,34 +142,55 @@ def test_unsharded_matches_fp64_kl_div(case):
     assert_matches_reference(case, *run_case(case, mm, vm, weights), seed=0)
 
 
-def _sharded_cases(seed: int, explicit_group: bool):
-    """Rank body: every case on this rank's vocab shard; megatron's TP group by default."""
+def _sharded_cases(seed: int):
+    """Rank body (world size 4): every case at TP=4 and at TP=2, on this rank's vocab shards.
+
+    TP=4 goes through the default ``tp_group=None`` (megatron's TP group); TP=2 passes explicit
+    groups {0, 1} and {2, 3}. One launch covers both, since starting ranks costs far more than
+    the checks themselves.
+    """
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    assert tp_size == dist.get_world_size() > 1
-    group = parallel_state.get_tensor_model_parallel_group() if explicit_group else None
+    assert parallel_state.get_tensor_model_parallel_world_size() == dist.get_world_size() == 4
+    rank = dist.get_rank()
+    pair_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates both
+    layouts = {
+        4: (None, parallel_state.get_tensor_model_parallel_rank()),
+        2: (pair_groups[rank // 2], rank % 2),
+    }
     results = {}
-    for case in CASES:
-        mm, vm, weights = make_inputs(case, seed)
-        shard = slice(tp_rank * case.vocab // tp_size, (tp_rank + 1) * case.vocab // tp_size)
-        results[case.name] = run_case(case, mm[:, shard], vm[:, shard], weights, group)
+    for tp, (group, tp_rank) in layouts.items():
+        for case in CASES:
+            mm, vm, weights = make_inputs(case, seed)
+            shard = slice(tp_rank * case.vocab // tp, (tp_rank + 1) * case.vocab // tp)
+            results[tp, case.name] = run_case(case, mm[:, shard], vm[:, shard], weights, group)
     return results
 
 
+SHARDED_SEED = 104
+
+
+@pytest.fixture(scope="module")
+def sharded_results():
+    """Per-rank results of one 4-rank launch, shared by the TP=2 and TP=4 checks."""
+    return run_on_ranks(_sharded_cases, 4, tp=4, args=(SHARDED_SEED,), timeout_s=300)
+
+
 @pytest.mark.parametrize("tp", [2, 4])
-def test_vocab_parallel_matches_fp64_kl_div_and_agrees_across_ranks(tp):
-    seed = 100 + tp
-    per_rank = run_on_ranks(_sharded_cases, tp, tp=tp, args=(seed, tp == 2), timeout_s=240)
+def test_vocab_parallel_matches_fp64_kl_div_and_agrees_across_ranks(sharded_results, tp):
     for case in CASES:
-        kls = [rank_results[case.name][0] for rank_results in per_rank]
-        for rank, kl in enumerate(kls[1:], start=1):
-            assert torch.equal(kl, kls[0]), f"{case.name}: rank {rank} KL differs from rank 0"
-        grad_mm = torch.cat([rank_results[case.name][1] for rank_results in per_rank], dim=1)
-        grad_vm = torch.cat([rank_results[case.name][2] for rank_results in per_rank], dim=1)
-        assert_matches_reference(case, kls[0], grad_mm, grad_vm, seed)
+        # Ranks r*tp .. r*tp+tp-1 form one TP group (at TP=2 there are two such groups).
+        for first in range(0, len(sharded_results), tp):
+            group_results = [sharded_results[r][tp, case.name] for r in range(first, first + tp)]
+            kls = [kl for kl, _, _ in group_results]
+            for offset, kl in enumerate(kls[1:], start=1):
+                assert torch.equal(kl, kls[0]), (
+                    f"TP={tp} {case.name}: rank {first + offset} KL differs from rank {first}"
+                )
+            grad_mm = torch.cat([grad for _, grad, _ in group_results], dim=1)
+            grad_vm = torch.cat([grad for _, _, grad in group_results], dim=1)
+            assert_matches_reference(case, kls[0], grad_mm, grad_vm, SHARDED_SEED)
 
 
 def test_detached_target_gets_no_gradient_and_prediction_gradient_is_unchanged():

@@ -1,0 +1,121 @@
+"""Preprocessing throughput: the full Ray pipeline vs a no-framework floor, and 1 -> 2 workers.
+
+floor    one process, no Ray, no I/O: Pillow decode + pad/resize + JPEG encode + tokenize, over
+         image bytes already in memory (the least work any pipeline must do per sample);
+full     `preprocessing.runner.run` on LAION-style tars + parquet (scan, global dedup, decode,
+         tokenize, WebDataset shards, manifest), with 1 and then 2 workers, on warm Ray workers.
+Targets (issue 3): full per core >= 0.7 x floor; 2 workers >= 1.8 x 1 worker.
+
+    python benchmarks/preprocess_throughput.py [--samples-per-tar 150] [--image-side 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+from preprocessing.config import PreprocessConfig  # noqa: E402
+from preprocessing.encode import image_settings  # noqa: E402
+from preprocessing.fixtures import write_demo_dataset  # noqa: E402
+from preprocessing.images import process_image  # noqa: E402
+from preprocessing.templates import IMAGE_TAG, Turn, tokenize  # noqa: E402
+from preprocessing.tokenizer import build_mistral_hf_tokenizer, load_tokenizer  # noqa: E402
+
+
+def _tar_samples(tars: list[Path]) -> list[tuple[bytes, str]]:
+    out = []
+    for t in tars:
+        with tarfile.open(t) as tf:
+            members = {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
+        for name, data in members.items():
+            if name.endswith(".jpg"):
+                out.append((data, members[name[:-4] + ".txt"].decode()))
+    return out
+
+
+def floor(cfg: PreprocessConfig, samples: list[tuple[bytes, str]], repeat: int) -> float:
+    tok = load_tokenizer(cfg.tokenizer)
+    settings = image_settings(cfg)
+    best = 0.0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for data, caption in samples:
+            process_image(data, settings)
+            tokenize(cfg.template, [Turn("human", IMAGE_TAG), Turn("gpt", caption)], tok)
+        best = max(best, len(samples) / (time.perf_counter() - t0))
+    return best
+
+
+def full(cfg: PreprocessConfig) -> tuple[float, int]:
+    from preprocessing.runner import run
+
+    t0 = time.perf_counter()
+    manifest = run(cfg)
+    return manifest["num_samples"] / (time.perf_counter() - t0), manifest["num_samples"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--samples-per-tar", type=int, default=150, help="2 tars of this many samples")
+    p.add_argument("--image-side", type=int, default=512, help="longest side of the input photos")
+    p.add_argument("--image-size", type=int, default=336, help="vision resolution")
+    p.add_argument("--samples-per-shard", type=int, default=25)
+    p.add_argument("--workdir", help="keep inputs/outputs here (default: a temp folder)")
+    p.add_argument("--json", help="also write the figures to this file")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="vwlmm-bench-"))
+    ds = write_demo_dataset(work / "data", max_side=args.image_side, laion_per_tar=args.samples_per_tar)
+    tokdir = str(build_mistral_hf_tokenizer(work / "tok"))
+    base = dict(source="laion", inputs=ds.laion_inputs, tokenizer=tokdir, template="plain",
+                image_size=args.image_size, samples_per_shard=args.samples_per_shard, progress=False)
+    samples = _tar_samples(ds.laion_tars)
+    cfg = PreprocessConfig(**base, output=str(work / "floor"))
+    floor_rate = floor(cfg, samples, repeat=2)
+    print(f"floor: {floor_rate:.1f} samples/s on one core ({len(samples)} samples)", flush=True)
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Warm the two workers (process start, imports, tokenizer) so both runs see the same state.
+    full(PreprocessConfig(**{**base, "samples_per_shard": 4, "inputs": ds.laion_inputs},
+                          output=str(work / "warm"), num_workers=2, overwrite=True))
+    rates = {}
+    for n in (1, 2):
+        out = work / f"out{n}"
+        shutil.rmtree(out, ignore_errors=True)
+        rates[n], count = full(PreprocessConfig(**base, output=str(out), num_workers=n))
+        print(f"full pipeline, {n} worker(s): {rates[n]:.1f} samples/s ({count} samples)", flush=True)
+    ray.shutdown()
+    same = all((work / "out1" / f).read_bytes() == (work / "out2" / f).read_bytes()
+               for f in ("manifest.json", "rejects.jsonl"))
+    figures = {
+        "floor_samples_per_s_per_core": round(floor_rate, 2),
+        "full_1_worker_samples_per_s": round(rates[1], 2),
+        "full_2_workers_samples_per_s": round(rates[2], 2),
+        "full_per_core_vs_floor": round(rates[1] / floor_rate, 3),
+        "full_2_workers_per_core_vs_floor": round(rates[2] / 2 / floor_rate, 3),
+        "scaling_1_to_2_workers": round(rates[2] / rates[1], 3),
+        "outputs_identical_1_vs_2": same,
+        "num_samples": len(samples), "image_side": args.image_side, "image_size": args.image_size,
+        "cpus": os.cpu_count(),
+    }
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""``vwlmm-convert``: Hugging Face <-> megatron checkpoints of VW-LMM, verified by logit parity
+in the test suite (tests/megatron_vwlmm/convert)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+EPILOG = """examples:
+  vwlmm-convert import --llm lmsys/vicuna-7b-v1.5 --vision openai/clip-vit-large-patch14-336 \\
+      --tp 2 --pp 2 --out ckpt/init            # local HF folders; then train with
+                                               # model.init_from=ckpt/init
+  vwlmm-convert import --vwlmm MYTH-Lab/VW-LMM-Vicuna --out ckpt/vwlmm
+  vwlmm-convert export --checkpoint runs/x/checkpoints --format llava-hf --out hf/x --dtype bf16
+  vwlmm-convert export --checkpoint ckpt/vwlmm --format vwlmm --out hf/orig
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vwlmm-convert", description=__doc__, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    imp = sub.add_parser("import", help="HF folders -> megatron dist checkpoint",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = imp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--llm", help="HF Llama/Vicuna/Mistral causal-LM folder (needs --vision)")
+    src.add_argument("--vwlmm", help="HF folder in the original VW-LMM layout (whole model)")
+    imp.add_argument("--vision", help="HF CLIP (vision) folder; with --vwlmm only needed when "
+                                      "mm_vision_tower is not a local folder or known tower")
+    imp.add_argument("--projector", help="optional LLaVA stage-1 mm_projector weights "
+                                         "(.bin/.safetensors); default: fresh initialisation")
+    imp.add_argument("--vm-head-init", choices=("lm_head", "random"), default="lm_head",
+                     help="VM head starts as a copy of the LM head (paper) or random")
+    imp.add_argument("--tp", type=int, default=1, help="tensor-parallel size to validate for")
+    imp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to validate for")
+    imp.add_argument("--seq-length", type=int, help="training sequence length recorded in the "
+                                                    "config (default min(context, 4096))")
+    imp.add_argument("--pif", action="store_true", help="mark the model as PIF (--llm only)")
+    imp.add_argument("--out", required=True, help="new megatron checkpoint folder")
+
+    exp = sub.add_parser("export", help="megatron checkpoint (any TP/PP) -> HF folder",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    exp.add_argument("--checkpoint", required=True,
+                     help="import output, trainer iter_* folder, checkpoint root or run folder")
+    exp.add_argument("--format", choices=("llava-hf", "vwlmm"), default="llava-hf")
+    exp.add_argument("--out", required=True, help="new HF folder")
+    exp.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    exp.add_argument("--tokenizer", help="HF tokenizer folder (default: the imported LLM's)")
+    exp.add_argument("--template", choices=("vicuna_v1", "mistral"),
+                     help="chat template (default by decoder family)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s vwlmm-convert %(message)s")
+    from megatron_vwlmm.convert.errors import (
+        IncompleteCheckpointError,
+        UnsupportedModelError,
+        VocabMismatchError,
+    )
+
+    try:
+        if args.command == "import":
+            from megatron_vwlmm.convert.importer import import_hf, import_original
+
+            if args.vwlmm:
+                out = import_original(args.vwlmm, args.out, tp=args.tp, pp=args.pp,
+                                      vision_dir=args.vision, seq_length=args.seq_length)
+            else:
+                if not args.vision:
+                    raise SystemExit("vwlmm-convert import: --llm needs --vision")
+                out = import_hf(args.llm, args.vision, args.out, tp=args.tp, pp=args.pp,
+                                vm_head_init=args.vm_head_init, projector=args.projector,
+                                seq_length=args.seq_length, pif=args.pif)
+        else:
+            from megatron_vwlmm.convert.exporter import export_checkpoint
+
+            out = export_checkpoint(args.checkpoint, args.out, format=args.format,
+                                    tokenizer_dir=args.tokenizer, dtype=args.dtype,
+                                    template=args.template)
+    except (IncompleteCheckpointError, UnsupportedModelError, VocabMismatchError, ValueError,
+            FileNotFoundError, FileExistsError) as exc:
+        print(f"vwlmm-convert {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"vwlmm-convert {args.command}: wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

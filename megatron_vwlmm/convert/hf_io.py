@@ -1,0 +1,115 @@
+"""Reading and writing Hugging Face weight folders (safetensors, sharded or not).
+
+Reads are lazy (``safe_open`` per tensor) so an import holds one copy of the source at most;
+writes go shard by shard through ``huggingface_hub``'s splitter, so an export materialises one
+shard's contiguous copies at a time next to the model it converts from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Dict, Iterator, Mapping, Optional
+
+import torch
+
+from megatron_vwlmm.convert.errors import IncompleteCheckpointError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """A read-only mapping over the tensors of an HF folder, loading each tensor on access."""
+
+    def __init__(self, folder: Path, files: Dict[str, Path]):
+        self.folder = folder
+        self._files = files  # key -> file
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if key not in self._files:
+            raise KeyError(f"{self.folder}: tensor {key!r} not found")
+        with safe_open(str(self._files[key]), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+def read_hf_tensors(folder: str | Path) -> Mapping[str, torch.Tensor]:
+    """All tensors of an HF model folder: ``model.safetensors``, a sharded safetensors index,
+    or (older checkpoints) ``pytorch_model*.bin``."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a directory")
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+        if missing:
+            raise IncompleteCheckpointError(f"{index} names missing shard files {missing}")
+        return LazyTensors(folder, {k: folder / f for k, f in weight_map.items()})
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        keys: Dict[str, Path] = {}
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                keys.update({k: path for k in f.keys()})
+        return LazyTensors(folder, keys)
+    bins = sorted(folder.glob("pytorch_model*.bin")) + sorted(folder.glob("*.bin"))
+    if bins:
+        state: Dict[str, torch.Tensor] = {}
+        for path in dict.fromkeys(bins):
+            state.update(torch.load(path, map_location="cpu", weights_only=True))
+        return state
+    raise IncompleteCheckpointError(
+        f"{folder}: no weights found (model.safetensors, {SAFETENSORS_INDEX} or *.bin)")
+
+
+def read_tensor_file(path: str | Path) -> Dict[str, torch.Tensor]:
+    """One weights file (.safetensors or a torch .bin/.pt), e.g. LLaVA's ``mm_projector.bin``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_hf_tensors(state: Mapping[str, torch.Tensor], folder: str | Path, *,
+                     dtype: Optional[torch.dtype] = None, max_shard_size: str = "5GB",
+                     progress: Optional[Callable[[int, int], None]] = None) -> None:
+    """Save ``state`` as (sharded) safetensors with an index when there is more than one shard.
+
+    Tensors are cast and made contiguous one shard at a time, so views into a live model (the
+    export's source) cost memory only for the shard being written.
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    split = split_torch_state_dict_into_shards(dict(state), max_shard_size=max_shard_size)
+    total = len(split.filename_to_tensors)
+    for done, (filename, keys) in enumerate(split.filename_to_tensors.items(), start=1):
+        shard = {}
+        for key in keys:
+            tensor = state[key].detach()
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            shard[key] = tensor.contiguous().cpu().clone()
+        save_file(shard, str(folder / filename), metadata={"format": "pt"})
+        del shard
+        if progress is not None:
+            progress(done, total)
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))

@@ -1,0 +1,207 @@
+"""Hugging Face -> megatron: an LLM + CLIP pair, or a whole original-layout VW-LMM checkpoint.
+
+The source tensors are mapped to a full megatron state (``hf_mapping.hf_to_megatron``), loaded
+into a TP1PP1 model in this process and saved as a reshardable dist checkpoint; ``tp``/``pp``
+only validate the layout the trainer will load it into (head/vocab divisibility, layers per
+stage) and are recorded. Parts the source lacks keep the model's seeded initialisation
+(adapter, unless ``projector`` gives LLaVA's stage-1 ``mm_projector`` weights; VM head when
+``vm_head_init="random"``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from megatron_vwlmm.convert import layouts
+from megatron_vwlmm.convert.errors import UnsupportedModelError, VocabMismatchError
+from megatron_vwlmm.convert.hf_configs import (
+    architecture_of_original,
+    decoder_architecture,
+    vision_config_of,
+    vwlmm_config_from_hf,
+)
+from megatron_vwlmm.convert.hf_io import read_hf_tensors, read_tensor_file
+from megatron_vwlmm.convert.hf_mapping import hf_to_megatron
+from megatron_vwlmm.convert.megatron_io import (
+    full_model,
+    megatron_process,
+    model_state,
+    save_checkpoint,
+)
+from megatron_vwlmm.model.config import VWLMMConfig
+
+log = logging.getLogger(__name__)
+VM_HEAD_INITS = ("lm_head", "random")
+
+# Known CLIP towers of published VW-LMM / LLaVA checkpoints, for original-layout imports whose
+# `mm_vision_tower` names a hub model (the config is needed for the head count and eps).
+_KNOWN_TOWERS = {
+    "openai/clip-vit-large-patch14-336": dict(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        image_size=336, patch_size=14, layer_norm_eps=1e-5, hidden_act="quick_gelu",
+        projection_dim=768),
+}
+
+
+def _auto_config(folder: Path, what: str):
+    from transformers import AutoConfig
+
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no config.json ({what} must be a HF model folder)")
+    try:
+        return AutoConfig.from_pretrained(str(folder))
+    except (KeyError, ValueError) as exc:
+        raise UnsupportedModelError(f"{folder}/config.json: unknown model type ({exc})") from exc
+
+
+def check_tokenizer_fits(folder: Path, vocab_size: int) -> Optional[int]:
+    """Length of the tokenizer in ``folder`` (if any); refuses one larger than the vocabulary."""
+    if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    size = len(AutoTokenizer.from_pretrained(str(folder)))
+    if size > vocab_size:
+        raise VocabMismatchError(
+            f"{folder}: the tokenizer has {size} tokens but the model's vocab_size is "
+            f"{vocab_size}; its ids would index past the embedding table")
+    return size
+
+
+def _llm_components(llm_dir: Path, llm_config) -> Dict[str, torch.Tensor]:
+    tensors = read_hf_tensors(llm_dir)
+    llm = {k: v for k, v in tensors.items() if k.startswith("model.") or k == "lm_head.weight"}
+    if "lm_head.weight" not in llm:
+        if not getattr(llm_config, "tie_word_embeddings", False):
+            raise UnsupportedModelError(f"{llm_dir}: no lm_head.weight and embeddings not tied")
+        llm["lm_head.weight"] = llm["model.embed_tokens.weight"]
+    return llm
+
+
+def _projector_components(path: Optional[str]) -> Dict[str, torch.Tensor]:
+    """LLaVA stage-1 projector weights (``model.mm_projector.{0,2}.*`` or bare ``{0,2}.*``)."""
+    if not path:
+        return {}
+    state = read_tensor_file(path)
+    out = {k.split("mm_projector.")[-1]: v for k, v in state.items()}
+    expected = {"0.weight", "0.bias", "2.weight", "2.bias"}
+    if set(out) != expected:
+        raise UnsupportedModelError(
+            f"{path}: expected an mlp2x_gelu projector {sorted(expected)}, found {sorted(out)}")
+    return out
+
+
+def _build_and_save(components, config: VWLMMConfig, out_dir, *, tp: int, pp: int,
+                    vm_head_init: str, source: Dict[str, Any], vision_tail) -> Path:
+    config.validate(tp, pp)
+    state = hf_to_megatron(components, config)
+    if vm_head_init == "lm_head" and "vm_head.weight" not in state:
+        # Paper Sec. 3: the VM head starts as a copy of the LLM's LM head.
+        state["vm_head.weight"] = state["language_model.output_layer.weight"].clone()
+    with megatron_process():
+        model = full_model(config)
+        own = model_state(model)
+        unexpected = sorted(set(state) - set(own))
+        if unexpected:
+            raise UnsupportedModelError(f"source tensors without a place in the model: {unexpected[:5]}")
+        for name, value in state.items():
+            if own[name].shape != value.shape:
+                raise UnsupportedModelError(
+                    f"{name}: source shape {tuple(value.shape)} != model {tuple(own[name].shape)}")
+        kept_init = sorted(set(own) - set(state))
+        log.info("kept the model's initialisation for %d tensors: %s", len(kept_init),
+                 ", ".join(kept_init[:6]) + (" ..." if len(kept_init) > 6 else ""))
+        model.load_state_dict({**own, **state}, strict=True)
+        source = {**source, "initialised_randomly": kept_init, "vm_head_init": vm_head_init}
+        return save_checkpoint(model, config, out_dir, layout={"tp": tp, "pp": pp},
+                               source=source, vision_tail=vision_tail)
+
+
+def import_hf(llm_dir: str, vision_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1,
+              vm_head_init: str = "lm_head", projector: Optional[str] = None,
+              seq_length: Optional[int] = None, **config_changes: Any) -> Path:
+    """HF Llama/Vicuna/Mistral causal LM + HF CLIP vision -> megatron checkpoint in ``out_dir``."""
+    if vm_head_init not in VM_HEAD_INITS:
+        raise ValueError(f"vm_head_init: {vm_head_init!r} is not one of {VM_HEAD_INITS}")
+    llm_path, vision_path = Path(llm_dir), Path(vision_dir)
+    llm_config = _auto_config(llm_path, "--llm")
+    architecture = decoder_architecture(llm_config, f"{llm_path}/config.json")
+    vision_config = vision_config_of(_auto_config(vision_path, "--vision"),
+                                     f"{vision_path}/config.json")
+    config = vwlmm_config_from_hf(llm_config, vision_config, seq_length=seq_length,
+                                  **config_changes)
+    config.validate(tp, pp)
+    check_tokenizer_fits(llm_path, config.decoder.vocab_size)
+    vision = layouts.clip_vision_keys(read_hf_tensors(vision_path))
+    vision, tail = layouts.split_vision_tail(vision, config.vision.num_layers_run)
+    components = {"llm": _llm_components(llm_path, llm_config), "vision": vision,
+                  "projector": _projector_components(projector), "vm_head": {}}
+    source = {
+        "format": "hf", "architecture": architecture, "llm": str(llm_path.resolve()),
+        "vision": str(vision_path.resolve()), "projector": projector,
+        "llm_config": llm_config.to_dict(), "vision_config": vision_config.to_dict(),
+        "mm_vision_tower": getattr(vision_config, "_name_or_path", "") or str(vision_path.resolve()),
+    }
+    return _build_and_save(components, config, out_dir, tp=tp, pp=pp, vm_head_init=vm_head_init,
+                           source=source, vision_tail=tail)
+
+
+def _original_vision_config(config: dict, folder: Path, vision_dir: Optional[str]):
+    """The CLIP config of an original-layout checkpoint: --vision, else ``mm_vision_tower`` as
+    a local folder, else a known hub name, else the ``vwlmm_vision_config`` our export adds."""
+    from transformers import CLIPVisionConfig
+
+    if vision_dir:
+        return vision_config_of(_auto_config(Path(vision_dir), "--vision"), vision_dir)
+    tower = config.get("mm_vision_tower") or ""
+    if tower and (Path(tower) / "config.json").is_file():
+        return vision_config_of(_auto_config(Path(tower), "mm_vision_tower"), tower)
+    if config.get("vwlmm_vision_config"):
+        return CLIPVisionConfig(**config["vwlmm_vision_config"])
+    if tower in _KNOWN_TOWERS:
+        return CLIPVisionConfig(**_KNOWN_TOWERS[tower])
+    raise UnsupportedModelError(
+        f"{folder}/config.json: mm_vision_tower {tower!r} is neither a local folder nor a known "
+        f"tower ({sorted(_KNOWN_TOWERS)}); pass --vision <CLIP folder> for its config")
+
+
+def import_original(src_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1,
+                    vision_dir: Optional[str] = None, seq_length: Optional[int] = None) -> Path:
+    """A checkpoint in the original VW-LMM layout (vm_head, mm_projector, vision tower) -> a
+    megatron checkpoint, whole (no part re-initialised), so training continues from it."""
+    from transformers import LlamaConfig, MistralConfig
+
+    src = Path(src_dir)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src}: no config.json (expected an original VW-LMM folder)")
+    raw = json.loads((src / "config.json").read_text())
+    architecture, pif = architecture_of_original(raw, f"{src}/config.json")
+    fields = {k: v for k, v in raw.items() if k not in ("model_type", "architectures")}
+    llm_config = (MistralConfig if architecture == "mistral" else LlamaConfig)(**fields)
+    vision_config = _original_vision_config(raw, src, vision_dir)
+    config = vwlmm_config_from_hf(llm_config, vision_config, seq_length=seq_length,
+                                  feature_layer=raw.get("mm_vision_select_layer", -2), pif=pif)
+    if raw.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu" or \
+            raw.get("mm_vision_select_feature", "patch") != "patch":
+        raise UnsupportedModelError(
+            f"{src}/config.json: mm_projector_type {raw.get('mm_projector_type')!r} / "
+            f"mm_vision_select_feature {raw.get('mm_vision_select_feature')!r}; only mlp2x_gelu "
+            "with patch features is supported")
+    config.validate(tp, pp)
+    check_tokenizer_fits(src, config.decoder.vocab_size)
+    components = layouts.from_original(read_hf_tensors(src))
+    if not components["vm_head"] or not components["projector"] or not components["vision"]:
+        missing = [k for k in ("vm_head", "projector", "vision") if not components[k]]
+        raise UnsupportedModelError(f"{src}: original-layout checkpoint without {missing}")
+    vision, tail = layouts.split_vision_tail(components["vision"], config.vision.num_layers_run)
+    components["vision"] = vision
+    source = {"format": "vwlmm", "architecture": architecture, "vwlmm": str(src.resolve()),
+              "original_config": raw, "vision_config": vision_config.to_dict(),
+              "mm_vision_tower": raw.get("mm_vision_tower", "")}
+    return _build_and_save(components, config, out_dir, tp=tp, pp=pp, vm_head_init="source",
+                           source=source, vision_tail=tail)

@@ -1,0 +1,176 @@
+"""`make demo`: the whole main job on one CPU machine, end to end, in a few minutes.
+
+1. bundled fixtures (LAION-style img2dataset tars + parquet) -> tokenized Arrow + WebDataset
+   shards with the *real* preprocessing Ray job (`ray job submit ... -- vwlmm-preprocess`)
+   on a private Ray head bound to 127.0.0.1;
+2. the `tiny-cpu` VW-LMM trained with TP=2 under torchrun (gloo) for a few dozen steps;
+3. megatron dist checkpoints, metrics (stdout, JSONL, TensorBoard) and a loss-curve PNG;
+4. HF export + caption: hook for the conversion issue (see EXPORT HOOK below).
+
+Everything goes under --out (default ./demo_out); the last lines say where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _service_env() -> dict:
+    env = dict(os.environ)
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
+               PATH=f"{BIN}:{env.get('PATH', '')}", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _step(msg: str) -> None:
+    print(f"\n=== {msg}", flush=True)
+
+
+class RayHead:
+    """`ray start --head --block` on 127.0.0.1 with free ports; stopped by its own PID."""
+
+    def __init__(self) -> None:
+        self.temp = tempfile.mkdtemp(prefix="vwd", dir="/tmp")  # short: Ray's unix sockets
+        self.dashboard_port = _free_port()
+        cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2",
+               "--dashboard-host=127.0.0.1", "--disable-usage-stats", f"--temp-dir={self.temp}",
+               f"--port={_free_port()}", f"--dashboard-port={self.dashboard_port}",
+               f"--ray-client-server-port={_free_port()}", "--object-store-memory=300000000"]
+        self.log = open(os.path.join(self.temp, "head.log"), "w")
+        self.proc = subprocess.Popen(cmd, env=_service_env(), stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2)
+                return
+            except urllib.error.HTTPError:  # answering (token auth may refuse anonymous calls)
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError("ray head did not start: "
+                                       f"{Path(self.temp, 'head.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.log.close()
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def preprocess(out: Path) -> Path:
+    from preprocessing.fixtures import write_demo_dataset
+    from preprocessing.tokenizer import build_mistral_hf_tokenizer
+
+    _step("1/4 fixtures + tokenizer")
+    raw = write_demo_dataset(out / "raw", max_side=96, laion_per_tar=16)
+    tokenizer = build_mistral_hf_tokenizer(out / "tokenizer")
+    print(f"raw LAION-style inputs: {raw.laion_inputs}\ntokenizer: {tokenizer}")
+
+    _step("2/4 preprocessing Ray job (ray job submit ... -- vwlmm-preprocess)")
+    data = out / "data"
+    head = RayHead()
+    try:
+        workdir = Path(tempfile.mkdtemp(prefix="vwlmm-job-"))
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", head.dashboard,
+               "--working-dir", str(workdir), "--", "vwlmm-preprocess", "--source", "laion",
+               "--input", *raw.laion_inputs, "--tokenizer", str(tokenizer), "--template",
+               "plain", "--output", str(data), "--format", "both", "--image-size", "32",
+               "--patch-size", "8", "--max-seq-len", "64", "--samples-per-shard", "8",
+               "--overwrite", "--no-progress"]
+        res = subprocess.run(cmd, env=_service_env(), text=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+        if res.returncode != 0:
+            raise SystemExit(f"preprocessing job failed (exit {res.returncode})")
+    finally:
+        head.stop()
+    manifest = json.loads((data / "manifest.json").read_text())
+    print(f"{manifest['num_samples']} samples in {len(manifest['shards'])} shards, "
+          f"rejected {manifest['rejected']}")
+    return data
+
+
+def train(out: Path, data: Path, steps: int) -> Path:
+    _step(f"3/4 training tiny-cpu with TP=2 under torchrun ({steps} steps)")
+    run = out / "run"
+    shutil.rmtree(run, ignore_errors=True)  # a demo always starts fresh
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "pipeline.train",
+           "--config", str(REPO / "configs/tiny-cpu.yaml"), "--set", f"data.path={data}",
+           "--set", f"run_dir={run}", "--set", f"train.train_iters={steps}",
+           "--set", "parallel.tp=2"]
+    res = subprocess.run(cmd, env=_service_env())
+    if res.returncode != 0:
+        raise SystemExit(f"training failed (exit {res.returncode})")
+    return run
+
+
+def report(run: Path) -> None:
+    from pipeline.checkpoint import latest_checkpoint
+    from pipeline.plot import plot, read_metrics
+
+    _step("4/4 results")
+    png = plot(run, run / "loss.png")
+    records = [r for r in read_metrics(run) if r["split"] == "train"]
+    first, last = records[0], records[-1]
+    for key in ("lm_loss", "vm_loss"):
+        print(f"{key}: {first[key]:.4f} (iteration 1) -> {last[key]:.4f} "
+              f"(iteration {last['iteration']})")
+    ckpt = latest_checkpoint(run / "checkpoints")
+    # EXPORT HOOK (conversion issue): export `ckpt` to a Hugging Face folder with
+    # `vwlmm-convert export` and print a caption generated from the exported model here.
+    print("HF export + caption: pending the conversion issue (hook in pipeline/demo.py)")
+    print(f"\ncheckpoint:   {ckpt}\nmetrics:      {run / 'metrics.jsonl'}\n"
+          f"tensorboard:  {run / 'tensorboard'}\nloss curves:  {png}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.demo",
+        description="End-to-end CPU demo: Ray preprocessing of bundled fixtures -> tiny VW-LMM "
+                    "trained with TP=2 (torchrun, gloo) -> checkpoint -> loss plot.")
+    parser.add_argument("--out", type=Path, default=Path("demo_out"),
+                        help="output folder (default: ./demo_out)")
+    parser.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
+    args = parser.parse_args(argv)
+    t0 = time.time()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data = preprocess(out)
+    run = train(out, data, args.steps)
+    report(run)
+    print(f"demo finished in {time.time() - t0:.0f} s; everything is under {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""cluster/slurm/train.sbatch on a real (single-node) Slurm, with the real trainer and gloo.
+
+2 processes on the one node, through both launchers: torchrun (one task per node, c10d
+rendezvous) and srun (one task per process). The tiny-cpu preset, shortened with --set.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs import (TRAIN_SBATCH, job_env, latest_checkpoint, read, require_module,
+                  train_iterations)
+
+ITERS = 6
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """A small Arrow dataset written per the data contract (tests/pipeline/shards.py)."""
+    require_module("pipeline.train", "the training driver (issue 4)")
+    from tests.pipeline.shards import make_samples, write_dataset
+
+    root = tmp_path_factory.mktemp("train-data")
+    return Path(write_dataset(str(root), make_samples(64), 16, formats=("arrow",)))
+
+
+def train_args(config: Path, data: Path, run_dir: Path, *sets: str):
+    base = ["logging.tensorboard=false", "train.eval_interval=0", "data.valid_fraction=0",
+            "data.num_workers=1", f"train.train_iters={ITERS}", f"data.path={data}",
+            f"run_dir={run_dir}", *sets]
+    return [str(TRAIN_SBATCH), str(config)] + [a for s in base for a in ("--set", s)]
+
+
+def tiny_cpu() -> Path:
+    path = Path(TRAIN_SBATCH).parents[2] / "configs/tiny-cpu.yaml"
+    if not path.exists():
+        pytest.skip("the tiny-cpu preset (configs/tiny-cpu.yaml, issue 4) is not in the tree yet")
+    return path
+
+
+def test_preempted_run_checkpoints_and_next_submission_resumes(slurm, dataset, tmp_path):
+    """TERM mid-run -> checkpoint; resubmitting the same command resumes and finishes."""
+    run_dir = tmp_path / "run"
+    args = train_args(tiny_cpu(), dataset, run_dir, "checkpoint.save_interval=0")
+
+    # 1) torchrun launcher: one Slurm task running torchrun with 2 processes.
+    first = slurm.sbatch(["--cpus-per-task=2", f"--output={tmp_path}/first.out", *args],
+                         wait=False, env=job_env(VWLMM_NPROC_PER_NODE="2"), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    job = first.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 240
+    while not train_iterations(run_dir) and time.monotonic() < deadline:
+        assert slurm.job_field(job, "JobState") in ("PENDING", "RUNNING"), read(
+            tmp_path / "first.out")
+        time.sleep(0.5)
+    assert train_iterations(run_dir), "no training step within 240 s:\n" + read(
+        tmp_path / "first.out")
+    subprocess.run(["scancel", "--signal=TERM", job], env=slurm.env, check=True)
+    slurm.wait_job_state(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=180)
+    out = read(tmp_path / "first.out")
+    done_first = train_iterations(run_dir)
+    stopped_at = max(done_first)
+    assert 1 <= stopped_at < ITERS, out
+    assert latest_checkpoint(run_dir) == f"iter_{stopped_at:07d}", out
+    # Every rank wrote its own log into the job directory.
+    logs = tmp_path / f"slurm_logs/vwlmm-train-{job}/logs"
+    assert sorted(p.name for p in logs.glob("rank-*.log")) == ["rank-0.log", "rank-1.log"]
+
+    # 2) Same command, srun launcher (2 Slurm tasks): resumes after the checkpoint, finishes.
+    second = slurm.sbatch(["--ntasks-per-node=2", f"--output={tmp_path}/second.out", *args],
+                          env=job_env(VWLMM_LAUNCHER="srun"), cwd=tmp_path, timeout=400)
+    out = read(tmp_path / "second.out")
+    assert second.returncode == 0, out
+    resumed = train_iterations(run_dir)[len(done_first):]
+    assert resumed == list(range(stopped_at + 1, ITERS + 1)), (done_first, resumed, out)
+    assert latest_checkpoint(run_dir) == f"iter_{ITERS:07d}", out
+    assert "2 Slurm task(s) on 1 node(s) (srun)" in out
+
+
+def test_failing_training_fails_the_job(slurm, dataset, tmp_path):
+    """A trainer error (TP=3 does not divide the tiny model) makes sbatch --wait non-zero."""
+    args = train_args(tiny_cpu(), dataset, tmp_path / "run", "parallel.tp=3")
+    res = slurm.sbatch(["--cpus-per-task=2", f"--output={tmp_path}/job.out", *args],
+                       env=job_env(VWLMM_NPROC_PER_NODE="2"), cwd=tmp_path, timeout=300)
+    out = read(tmp_path / "job.out")
+    assert res.returncode != 0, out
+    assert "parallel.tp" in out and "training failed" in out, out
+    assert not latest_checkpoint(tmp_path / "run")

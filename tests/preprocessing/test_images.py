@@ -1,0 +1,74 @@
+"""Image normalisation: every odd mode to RGB at the vision size, pad colour, EXIF, rejects."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from preprocessing.fixtures import FIXTURE_FILTERS, bad_images, odd_images
+from preprocessing.images import PAD_COLOR, ImageReject, ImageSettings, process_image
+
+S = ImageSettings(size=56, max_pixels=FIXTURE_FILTERS["max_image_pixels"],
+                  min_side=FIXTURE_FILTERS["min_image_side"],
+                  max_aspect_ratio=FIXTURE_FILTERS["max_aspect_ratio"])
+
+
+def _decode(jpg: bytes) -> np.ndarray:
+    im = Image.open(io.BytesIO(jpg))
+    assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (56, 56))
+    return np.asarray(im, dtype=np.int16)
+
+
+@pytest.mark.parametrize("name", sorted(odd_images(64)))
+def test_odd_images_become_rgb(name):
+    arr = _decode(process_image(odd_images(64)[name], S))
+    assert arr.std() > 5  # real content survived (not a flat pad or a black frame)
+
+
+def test_pad_uses_clip_mean_and_keeps_aspect():
+    wide = Image.new("RGB", (200, 100), (255, 0, 0))
+    buf = io.BytesIO()
+    wide.save(buf, "PNG")
+    arr = _decode(process_image(buf.getvalue(), S))
+    assert np.abs(arr[2, 28] - PAD_COLOR).max() <= 4  # top band is padding
+    assert np.abs(arr[28, 28] - (255, 0, 0)).max() <= 6  # centre is the image
+    arr = _decode(process_image(buf.getvalue(), ImageSettings(size=56, mode="resize")))
+    assert np.abs(arr[2, 28] - (255, 0, 0)).max() <= 6  # squashed: no padding
+
+
+def test_exif_orientation_is_applied():
+    im = Image.new("RGB", (120, 60), (0, 0, 255))  # landscape; rotated 90 deg it is portrait
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", exif=exif)
+    arr = _decode(process_image(buf.getvalue(), S))
+    assert np.abs(arr[28, 2] - PAD_COLOR).max() <= 6  # padding left/right, not top/bottom
+    assert np.abs(arr[2, 28] - (0, 0, 255)).max() <= 8
+
+
+def test_16_bit_greyscale_is_rescaled_not_clipped():
+    ramp = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, "PNG")
+    arr = _decode(process_image(buf.getvalue(), ImageSettings(size=56, mode="resize")))
+    assert arr[:8].mean() < 40 and arr[-8:].mean() > 215  # full range kept, no saturation
+
+
+@pytest.mark.parametrize("name", sorted(bad_images(64)))
+def test_bad_images_are_rejected_with_their_reason(name):
+    data, reason = bad_images(64)[name]
+    with pytest.raises(ImageReject) as e:
+        process_image(data, S)
+    assert e.value.reason == reason
+
+
+def test_pillow_bomb_warning_band_is_an_error():
+    # Between 1x and 2x the limit Pillow only warns; it must still be rejected.
+    data, _ = bad_images(64)["bomb"]
+    with pytest.raises(ImageReject) as e:
+        process_image(data, ImageSettings(size=56, max_pixels=1_000_000))
+    assert e.value.reason == "image_too_large"
