@@ -70,10 +70,26 @@ def _scan_file(cfg_dict: dict, f: _InputFile) -> list[dict]:
             raise FileNotFoundError(f"input {f.uri} does not exist")
         records = laion.scan(f.uri)
     else:
-        prefix = storage.join(cfg.output, STATE_DIR, "records", f"{f.index:06d}")
-        records = llava.scan(f.uri, cfg.image_root, prefix, cfg.samples_per_shard)
+        records = llava.split(f.uri, _records_prefix(cfg, f), cfg.samples_per_shard)
     storage.write_bytes(cache, json.dumps({"file": f.uri, "records": records}).encode())
     return records
+
+
+def _records_prefix(cfg: PreprocessConfig, f: _InputFile) -> str:
+    return storage.join(cfg.output, STATE_DIR, "records", f"{f.index:06d}")
+
+
+def _digest_unit(cfg_dict: dict, f: _InputFile, chunk: int) -> list:
+    """LLaVA dedup digests of one unit file (reads its images), cached like the scan."""
+    cfg = PreprocessConfig(**cfg_dict)
+    storage.configure(cfg.s3_endpoint)
+    cache = storage.join(cfg.output, STATE_DIR, "digests", f"{f.index:06d}-{chunk:06d}.json")
+    if storage.exists(cache):
+        return json.loads(storage.read_bytes(cache))
+    found = llava.digests(f"{_records_prefix(cfg, f)}-{chunk:06d}.jsonl",
+                          chunk * cfg.samples_per_shard, cfg.image_root, f.uri.rsplit("/", 1)[-1])
+    storage.write_bytes(cache, json.dumps(found).encode())
+    return found
 
 
 def plan_units(cfg: PreprocessConfig, files: list[_InputFile], scans: list[list[dict]]):
@@ -90,8 +106,7 @@ def plan_units(cfg: PreprocessConfig, files: list[_InputFile], scans: list[list[
             if cfg.source == "laion":
                 unit.update(parquet=f.parquet, start=chunk[0]["start"], end=chunk[-1]["end"])
             else:
-                prefix = storage.join(cfg.output, STATE_DIR, "records", f"{f.index:06d}")
-                unit.update(records_uri=f"{prefix}-{c // sps:06d}.jsonl", first_index=c,
+                unit.update(records_uri=f"{_records_prefix(cfg, f)}-{c // sps:06d}.jsonl", first_index=c,
                             origin=f.uri.rsplit("/", 1)[-1])
             dec: dict[int, list] = {}
             for i, r in enumerate(chunk):
@@ -177,14 +192,26 @@ def _task_env() -> dict:
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
-def run(cfg: PreprocessConfig) -> dict:
-    """Run (or resume) the job; returns the manifest as a dict."""
+@dataclass
+class RunSummary:
+    """What a run did (the manifest says what the dataset is)."""
+
+    manifest: dict
+    units_done: int = 0  # processed by this run
+    units_skipped: int = 0  # already finished by an earlier, interrupted run
+    seconds: float = 0.0  # wall time of the whole run (scan, units, finalize)
+    task_cpu_seconds: float = 0.0  # CPU time spent inside the unit tasks
+
+
+def run(cfg: PreprocessConfig) -> RunSummary:
+    """Run (or resume) the job."""
+    t_start = time.perf_counter()
     storage.configure(cfg.s3_endpoint)
     if cfg.overwrite:
         storage.remove_tree(cfg.output)
     if _check_state(cfg):
         log.info("%s is complete (manifest present); nothing to do", cfg.output)
-        return json.loads(storage.read_bytes(storage.join(cfg.output, MANIFEST_NAME)))
+        return RunSummary(json.loads(storage.read_bytes(storage.join(cfg.output, MANIFEST_NAME))))
     _remove_stale_temps(cfg.output)
     tok_info = tokenizer_identity(cfg.tokenizer)
     files = _inputs(cfg)
@@ -195,6 +222,13 @@ def run(cfg: PreprocessConfig) -> dict:
     log.info("scanning %d input file(s) with %d worker(s)", len(files), workers)
     scans = _run_bounded(ray, _scan_file, [(cfg_dict, f) for f in files], workers, _task_env(),
                          lambda r: None)
+    if cfg.source == "llava" and cfg.dedup:
+        jobs = [(cfg_dict, f, c) for f, recs in zip(files, scans)
+                for c in range(-(-len(recs) // cfg.samples_per_shard))]
+        found = _run_bounded(ray, _digest_unit, jobs, workers, _task_env(), lambda r: None)
+        for (_, f, c), chunk_digests in zip(jobs, found):
+            for i, d in enumerate(chunk_digests):
+                scans[f.index][c * cfg.samples_per_shard + i]["digest"] = d
     units, decisions = plan_units(cfg, files, scans)
     total = sum(u["num_records"] for u in units)
     log.info("%d records in %d unit(s) (scan %.1fs)", total, len(units), time.perf_counter() - t0)
@@ -209,10 +243,11 @@ def run(cfg: PreprocessConfig) -> dict:
             todo.append((cfg_dict, u, d))
     bar = tqdm(total=total, unit="rec", disable=not cfg.progress, mininterval=1.0,
                desc="preprocess", dynamic_ncols=True)
-    counts = {"good": 0, "rejected": 0}
+    counts = {"good": 0, "rejected": 0, "cpu": 0.0}
 
     def tick(r: dict) -> None:
         counts["good"] += r["num_samples"]
+        counts["cpu"] += r.pop("cpu_seconds", 0.0)
         counts["rejected"] += len(r["rejects"])
         rate = counts["good"] / max(time.perf_counter() - t1, 1e-9)
         bar.set_postfix(samples=counts["good"], rejected=counts["rejected"],
@@ -234,7 +269,8 @@ def run(cfg: PreprocessConfig) -> dict:
     log.info("done: %d samples written, %d rejected %s, %d shard(s), %.1fs (%.1f samples/s)",
              manifest["num_samples"], sum(manifest["rejected"].values()), manifest["rejected"],
              len(manifest["shards"]), dt, counts["good"] / max(dt, 1e-9))
-    return manifest
+    return RunSummary(manifest, units_done=len(todo), units_skipped=len(units) - len(todo),
+                      seconds=time.perf_counter() - t_start, task_cpu_seconds=counts["cpu"])
 
 
 def _finalize(cfg: PreprocessConfig, tok_info, unit_results: list[dict]) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from preprocessing import storage
 from preprocessing.config import PreprocessConfig
@@ -75,6 +76,7 @@ def process_unit(cfg_dict: dict, unit: dict, decisions: dict[int, list]) -> dict
     record_uri = unit_record_uri(cfg.output, unit["index"])
     if storage.exists(record_uri):
         return json.loads(storage.read_bytes(record_uri))
+    cpu0 = time.process_time()
     tokenizer = load_tokenizer(cfg.tokenizer)
     shards = {fmt: storage.join(cfg.output, shard_relpath(cfg, fmt, unit["index"]))
               for fmt in cfg.formats}
@@ -117,4 +119,5 @@ def process_unit(cfg_dict: dict, unit: dict, decisions: dict[int, list]) -> dict
     result = {"index": unit["index"], "num_records": n_records, "num_samples": n_good,
               "shards": shard_entries, "rejects": rejects, "stats": stats}
     storage.write_bytes(record_uri, json.dumps(result, sort_keys=True).encode())
+    result["cpu_seconds"] = time.process_time() - cpu0  # for the driver's summary only
     return result

@@ -6,12 +6,13 @@ to the front of the first human turn (``<image>\\n`` + question), wherever the J
 record's meta says ``image_tag_moved`` when that changed the text. With several images the tags
 stay where they are and their count must match.
 
-The scan parses a JSON file once and splits its records into unit files (JSON lines) under the
+The scan streams a JSON file once and splits its records into unit files (JSON lines) under the
 job's state folder, so each worker reads only its unit instead of re-parsing a 1 GB array.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 from typing import Iterator
 
@@ -89,29 +90,91 @@ def _load_images(rec: RawRecord, paths: list[str], image_root: str) -> None:
             return
 
 
-def scan(json_uri: str, image_root: str, records_prefix: str, chunk: int) -> list[dict]:
-    """Split a JSON array into unit files of ``chunk`` records; per record key + digest."""
-    try:
-        entries = json.loads(storage.read_bytes(json_uri))
-    except ValueError as exc:
-        raise ValueError(f"{json_uri}: not valid JSON: {exc}") from exc
-    if not isinstance(entries, list):
-        raise ValueError(f"{json_uri}: expected a JSON array of records, got {type(entries).__name__}")
-    out = []
+def iter_json_array(stream, origin: str, chunk_bytes: int = 1 << 22) -> Iterator:
+    """Yield the elements of a top-level JSON array, reading ``stream`` incrementally.
+
+    LLaVA-665K / ShareGPT4V files are ~1 GB; ``json.load`` would hold all of it as Python
+    objects (several GB). This keeps one read chunk plus one element in memory.
+    """
+    decoder = json.JSONDecoder()
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    buf, pos, eof = "", 0, False
+
+    def more() -> bool:
+        nonlocal buf, pos, eof
+        if eof:
+            return False
+        data = stream.read(chunk_bytes)
+        eof = not data
+        buf = buf[pos:] + utf8.decode(data, final=eof)
+        pos = 0
+        return True
+
+    def skip(chars: str) -> str:
+        """Skip whitespace and ``chars``; the next significant character ('' at the end)."""
+        nonlocal pos
+        while True:
+            while pos < len(buf) and (buf[pos].isspace() or buf[pos] in chars):
+                pos += 1
+            if pos < len(buf) or not more():
+                return buf[pos] if pos < len(buf) else ""
+
+    if skip("") != "[":
+        raise ValueError(f"{origin}: expected a JSON array of records")
+    pos += 1
+    while True:
+        c = skip(",")
+        if c == "]":
+            return
+        if c == "":
+            raise ValueError(f"{origin}: JSON array is not closed")
+        while True:
+            try:
+                obj, end = decoder.raw_decode(buf, pos)
+                # A number or literal cut at the buffer end can parse short: need what follows.
+                if end < len(buf) or eof:
+                    break
+            except json.JSONDecodeError as exc:
+                if eof:
+                    raise ValueError(f"{origin}: not valid JSON: {exc}") from exc
+            if not more():
+                raise ValueError(f"{origin}: JSON ends inside a record")
+        pos = end
+        yield obj
+
+
+def split(json_uri: str, records_prefix: str, chunk: int) -> list[dict]:
+    """Stream a JSON array into unit files of ``chunk`` records (JSON lines); per record its key.
+
+    Dedup digests need the images, so they are computed per unit, in parallel (``digests``).
+    """
     origin = json_uri.rsplit("/", 1)[-1]
-    for c in range(0, max(len(entries), 1), chunk):
-        part = entries[c:c + chunk]
-        lines = "".join(json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n" for e in part)
-        storage.write_bytes(f"{records_prefix}-{c // chunk:06d}.jsonl", lines.encode())
-        for i, entry in enumerate(part):
-            rec, paths = _parse_entry(entry, c + i, origin)
-            digest = None
-            if rec.error is None:
-                _load_images(rec, paths, image_root)
-                if rec.error is None:
-                    text = json.dumps([[t.role, t.text] for t in rec.turns])
-                    digest = content_digest(rec.images, text)
-            out.append({"key": rec.key, "digest": digest, "chunk": c // chunk})
+    out: list[dict] = []
+    part: list[str] = []
+
+    def flush() -> None:
+        storage.write_bytes(f"{records_prefix}-{(len(out) - 1) // chunk:06d}.jsonl",
+                            "".join(part).encode())
+        part.clear()
+
+    with storage.open_read(json_uri) as f:
+        for i, entry in enumerate(iter_json_array(f, json_uri)):
+            rec, _ = _parse_entry(entry, i, origin)
+            part.append(json.dumps(entry, ensure_ascii=False, sort_keys=True) + "\n")
+            out.append({"key": rec.key, "digest": None})
+            if len(part) == chunk:
+                flush()
+    if part:
+        flush()
+    return out
+
+
+def digests(records_uri: str, first_index: int, image_root: str, origin: str) -> list[str | None]:
+    """Dedup digest (image bytes + conversation) of each record of one unit file."""
+    out = []
+    for rec in read_unit(records_uri, first_index, image_root, origin):
+        text = json.dumps([[t.role, t.text] for t in rec.turns])
+        out.append(content_digest(rec.images, text) if rec.error is None else None)
     return out
 
 

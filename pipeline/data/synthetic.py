@@ -1,0 +1,106 @@
+"""Synthetic tokenized datasets written exactly per the data contract (both formats, same samples).
+
+For tests and benchmarks of the trainer. Independent of the preprocessing package on purpose:
+the readers are checked against the contract text, not against the other side's writer; the
+benchmarks need arbitrary sizes (336 px images, 2k-token sequences) without a tokenizer.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import List
+
+import numpy as np
+import pyarrow as pa
+import webdataset as wds
+from PIL import Image
+
+IMAGE_TOKEN_ID, IGNORE_INDEX = -200, -100
+
+
+def make_samples(n: int, image_size: int = 32, seed: int = 0, vocab: int = 32000,
+                 caption_len: int = 12) -> List[dict]:
+    """``n`` caption samples: BOS, <image>, caption tokens (supervised), EOS.
+
+    Each image is a smooth colour gradient whose colour is tied to the caption's first token,
+    so a model can actually learn the mapping (the overfit test relies on it).
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    yy, xx = np.mgrid[0:image_size, 0:image_size] / image_size
+    for i in range(n):
+        colour = rng.integers(0, 255, size=3)
+        pixels = (colour[None, None, :] * (0.5 + 0.5 * yy[..., None] * xx[..., None]))
+        buf = io.BytesIO()
+        Image.fromarray(pixels.astype(np.uint8)).save(buf, format="JPEG", quality=95)
+        caption = rng.integers(3, min(vocab, 1000), size=caption_len).astype(np.int32)
+        input_ids = np.concatenate([[1, IMAGE_TOKEN_ID], caption, [2]]).astype(np.int32)
+        labels = np.concatenate([[IGNORE_INDEX, IGNORE_INDEX], caption, [2]]).astype(np.int32)
+        out.append(dict(key=f"test-{i:05d}", source_id=str(i), images=[buf.getvalue()],
+                        input_ids=input_ids, labels=labels, num_images=1, template="plain",
+                        meta=json.dumps({"caption": f"sample {i}"})))
+    return out
+
+
+def write_dataset(root: str, samples: List[dict], shard_size: int, image_size: int = 32,
+                  num_patches: int = 16, formats=("arrow", "webdataset"),
+                  tokenizer: str = "test-tokenizer", template: str = "plain",
+                  max_seq_len: int = 256) -> str:
+    """Write ``samples`` as shards of ``shard_size`` plus manifest.json; returns ``root``."""
+    os.makedirs(root, exist_ok=True)
+    shards = []
+    both = len(formats) == 2
+    for fmt in formats:
+        sub = {"arrow": "arrow", "webdataset": "webdataset"}[fmt] if both else ""
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+        for s, start in enumerate(range(0, len(samples), shard_size)):
+            chunk = samples[start:start + shard_size]
+            name = f"shard-{s:06d}.{'arrow' if fmt == 'arrow' else 'tar'}"
+            rel = os.path.join(sub, name) if sub else name
+            path = os.path.join(root, rel)
+            ntok = [len(x["input_ids"]) - x["num_images"] + x["num_images"] * num_patches
+                    for x in chunk]
+            if fmt == "arrow":
+                table = pa.table({
+                    "key": [x["key"] for x in chunk],
+                    "source_id": [x["source_id"] for x in chunk],
+                    "images": pa.array([x["images"] for x in chunk], pa.list_(pa.binary())),
+                    "input_ids": pa.array([x["input_ids"].tolist() for x in chunk],
+                                          pa.list_(pa.int32())),
+                    "labels": pa.array([x["labels"].tolist() for x in chunk],
+                                       pa.list_(pa.int32())),
+                    "num_images": pa.array([x["num_images"] for x in chunk], pa.int32()),
+                    "num_tokens": pa.array(ntok, pa.int32()),
+                    "template": [x["template"] for x in chunk],
+                    "meta": [x["meta"] for x in chunk],
+                })
+                with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+                    w.write_table(table, max_chunksize=3)  # several record batches per shard
+            else:
+                with wds.TarWriter(path) as w:
+                    for x, nt in zip(chunk, ntok):
+                        rec = {"__key__": x["key"],
+                               "json": json.dumps({"source_id": x["source_id"],
+                                                   "template": x["template"],
+                                                   "num_images": x["num_images"],
+                                                   "num_tokens": nt, "meta": x["meta"]}),
+                               "input_ids.npy": x["input_ids"], "labels.npy": x["labels"]}
+                        for i, img in enumerate(x["images"]):
+                            rec[f"img{i}.jpg"] = img
+                        w.write(rec)
+            shards.append({"path": rel, "format": fmt, "num_samples": len(chunk),
+                           "num_tokens": int(sum(ntok))})
+    manifest = {
+        "format_version": 1, "num_samples": len(samples), "rejected": {}, "shards": shards,
+        "statistics": {"max_tokens": max(len(x["input_ids"]) - x["num_images"]
+                                         + x["num_images"] * num_patches for x in samples)},
+        "tokenizer": {"name_or_path": tokenizer, "sha256": "0" * 64, "vocab_size": 32000},
+        "template": template, "image_token_id": IMAGE_TOKEN_ID, "ignore_index": IGNORE_INDEX,
+        "image_size": image_size, "image_mode": "resize", "num_patches_per_image": num_patches,
+        "max_seq_len": max_seq_len, "config": {}, "vwlmm_version": "synthetic",
+    }
+    with open(os.path.join(root, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    return root
