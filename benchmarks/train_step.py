@@ -50,8 +50,8 @@ def run_trainer(nproc: int, data: Path, run_dir: Path, sets: list) -> list:
            "--set", "data.valid_fraction=0", "--set", "checkpoint.save_interval=0"]
     for s in sets:
         cmd += ["--set", s]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=os.environ.get(
-        "OMP_NUM_THREADS", "1"))
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"trainer failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")

@@ -16,9 +16,8 @@ import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 import torch.distributed as dist
@@ -204,17 +203,9 @@ def _log(msg: str) -> None:
 
 def run(cfg: TrainConfig) -> Dict[str, Any]:
     """Train as configured; returns a summary (last metrics, final checkpoint) on every rank."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     from megatron_vwlmm.parallel.initialize import destroy_distributed, initialize_distributed
-    from pipeline.checkpoint import CheckpointManager, TrainState, latest_checkpoint
-    from pipeline.data.loader import LoaderSpec, RankData
     from pipeline.data.manifest import load_manifest, select_shards
     from pipeline.data.storage import S3Options
-    from pipeline.flops import step_flops
-    from pipeline.metrics import MetricsLogger, peak_memory_gib
-    from pipeline.optim import build_optimizer, build_scheduler
     from pipeline.signals import PreemptionFlag
 
     # --- everything checkable before touching a process group -----------------------------
@@ -339,7 +330,8 @@ def _train(cfg, model_cfg, shards, s3, dp_size, preempt) -> Dict[str, Any]:
             keys_file.flush()
 
         # Per-step accounting: images/tokens summed over DP (first stage knows the batch).
-        reduced = reduce_losses(losses, model_cfg.lambda_vm) if ps.is_pipeline_last_stage(ignore_virtual=True) else {}
+        is_last = ps.is_pipeline_last_stage(ignore_virtual=True)
+        reduced = reduce_losses(losses, model_cfg.lambda_vm) if is_last else {}
         total_images = _sum_over_dp(n_images) if needs_data else 0
         total_lm_tokens = _sum_over_dp(n_lm_tokens) if needs_data else 0
         flops = step_flops(model_cfg, gbs, seq_len, total_images)
@@ -396,7 +388,9 @@ def evaluate(cfg, chunks, data, needs_data, device, num_microbatches, fwd_bwd, s
             collected.extend(out or [])
     for c in chunks:
         c.train()
-    return reduce_losses(collected, chunks[0].module.vwlmm_config.lambda_vm) if ps.is_pipeline_last_stage(ignore_virtual=True) else {}
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return {}
+    return reduce_losses(collected, chunks[0].module.vwlmm_config.lambda_vm)
 
 
 # ------------------------------------------------------------------------------------------

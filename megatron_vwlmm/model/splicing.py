@@ -66,9 +66,9 @@ def scatter_image_features(
 def visual_word_positions(image_token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Target positions of the visual-word KL: image positions t >= 1, batch-major.
 
-    Returns ``(keep, (batch_index, prediction_position))``-style pair: a bool mask over the
-    batch's image positions (in batch-major order) selecting those with t >= 1, and the
-    [batch, t-1] indices whose next-token distribution is compared with the visual word at t.
+    Returns ``keep``, a bool mask over the batch's image positions (batch-major order, the
+    order of the VM logits rows) selecting those with t >= 1, and ``(batch_index, t - 1)``: the
+    rows whose next-token distribution is compared with the visual word at t.
     """
     batch_index, position = image_token_mask.nonzero(as_tuple=True)
     keep = position >= 1

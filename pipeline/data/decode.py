@@ -59,5 +59,6 @@ def decode_sample(raw: Dict[str, Any], image_size: int, where: str) -> Dict[str,
         "key": key,
         "input_ids": torch.from_numpy(input_ids),
         "labels": torch.from_numpy(labels),
-        "images": [decode_image(b, image_size, f"{where}, image {i}") for i, b in enumerate(images)],
+        "images": [decode_image(b, image_size, f"{where}, image {i}")
+                   for i, b in enumerate(images)],
     }

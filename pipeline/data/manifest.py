@@ -18,7 +18,7 @@ IGNORE_INDEX = -100
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 try:  # the contract's constants live in preprocessing/schema.py once it lands
-    from preprocessing.schema import CLIP_MEAN, CLIP_STD, IGNORE_INDEX, IMAGE_TOKEN_ID  # noqa
+    from preprocessing.schema import CLIP_MEAN, CLIP_STD, IGNORE_INDEX, IMAGE_TOKEN_ID  # noqa: F401
 except ImportError:
     pass
 

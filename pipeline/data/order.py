@@ -41,7 +41,8 @@ def rank_positions(consumed_samples: int, global_batch_size: int, micro_batch_si
     """
     if consumed_samples % global_batch_size != 0:
         raise ValueError(f"consumed_samples={consumed_samples} is not a multiple of the global "
-                         f"batch size {global_batch_size}; the checkpoint does not match the config")
+                         f"batch size {global_batch_size}; the checkpoint does not match the "
+                         "config")
     per_rank = global_batch_size // dp_size
     batch = consumed_samples // global_batch_size
     while True:

@@ -64,4 +64,5 @@ def checkpoint_tensors(ckpt_dir: Path) -> Dict[str, torch.Tensor]:
     dcp_to_torch_save(str(ckpt_dir), str(out))
     state = torch.load(out, weights_only=False)
     out.unlink()
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and "_extra_state" not in k}
+    return {k: v for k, v in state.items()
+            if isinstance(v, torch.Tensor) and "_extra_state" not in k}

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from megatron_vwlmm.model import get_preset
 from pipeline.config import ConfigError, load_config
 from pipeline.train import build_model_config
 from pipeline.validate import check_fp8_available, check_layout, check_manifest, check_model
@@ -105,7 +104,8 @@ def manifest(tmp_path_factory):
 
 
 @pytest.mark.parametrize("sets, mutate, message", [
-    (["data.tokenizer=vicuna"], None, "data.tokenizer='vicuna': .* was tokenized with 'mistral-7b'"),
+    (["data.tokenizer=vicuna"], None,
+     "data.tokenizer='vicuna': .* was tokenized with 'mistral-7b'"),
     (["data.template=llava_v1"], None, "data.template='llava_v1': .* uses template 'plain'"),
     ([], {"image_size": 336}, "vision.image_size=32: .* has images of size 336"),
     ([], {"num_patches_per_image": 576}, "num_patches=16: .* counted 576 patches"),

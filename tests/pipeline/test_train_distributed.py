@@ -8,7 +8,6 @@ the per-rank sample log. Launches are kept few; each costs ~10 s of imports on 2
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess

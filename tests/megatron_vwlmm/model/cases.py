@@ -51,4 +51,5 @@ def perturb_(model, seed: int = 0, scale: float = 0.05):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            param.add_(scale * torch.randn(param.shape, generator=g))
+            noise = scale * torch.randn(param.shape, generator=g)
+            param.add_(noise.to(device=param.device, dtype=param.dtype))
