@@ -18,6 +18,10 @@ import time
 import torch
 
 
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)"
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=16)
@@ -26,8 +30,8 @@ def parse_args(argv=None):
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--groups", type=int, default=16)
     parser.add_argument("--seq-length", type=int, default=2048)
-    parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--micro-batches", type=int, default=2)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--micro-batches", type=int, default=4)
     parser.add_argument("--images-per-sample", type=int, default=1)
     parser.add_argument("--steps", type=int, default=6, help="timed steps (after 2 warm-up)")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
@@ -73,14 +77,15 @@ def main(argv=None) -> None:
 
     b, s, n_img = args.micro_batch, args.seq_length, args.images_per_sample
     patches = config.num_patches
-    g = torch.Generator(device="cuda").manual_seed(0)
-    tokens = torch.randint(3, config.decoder.vocab_size, (b, s), device="cuda", generator=g)
-    mask = torch.zeros(b, s, dtype=torch.bool, device="cuda")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run of the script
+    g = torch.Generator(device=device).manual_seed(0)
+    tokens = torch.randint(3, config.decoder.vocab_size, (b, s), device=device, generator=g)
+    mask = torch.zeros(b, s, dtype=torch.bool, device=device)
     mask[:, 1:1 + n_img * patches] = True
     labels = tokens.clone()
     labels[mask] = -100
     labels[:, 0] = -100
-    images = torch.randn(b * n_img, 3, 336, 336, device="cuda", generator=g)
+    images = torch.randn(b * n_img, 3, 336, 336, device=device, generator=g)
     batch = VWLMMBatch(tokens=tokens, labels=labels, image_token_mask=mask, images=images)
 
     def step():
@@ -96,19 +101,21 @@ def main(argv=None) -> None:
 
     for _ in range(2):
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
         losses = step()
-        torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     step_time = statistics.median(times)
     sequences = b * args.micro_batches
     flops = step_flops(config, sequences, s, sequences * n_img)
     tflops = flops / step_time / 1e12
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    print(f"device: {_device_name()}  torch {torch.__version__}")
     print(f"decoder params: {decoder_params / 1e9:.3f} B  (layers={args.layers} h={args.hidden} "
           f"ffn={args.ffn}), vision CLIP-L/14-336 frozen, layer impl: local spec (no TE)")
     print(f"global batch: {sequences} x {s} tokens, {n_img} image(s)/sample, "
@@ -118,7 +125,8 @@ def main(argv=None) -> None:
     print(f"tokens/s: {sequences * s / step_time:,.0f}")
     print(f"model TFLOP/s: {tflops:.1f}   MFU: {100 * tflops / args.peak_tflops:.1f}% "
           f"of {args.peak_tflops:.0f}")
-    print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    if device == "cuda":
+        print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ from __future__ import annotations
 import torch
 
 
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)"
+
+
 def _run(pif: bool, bf16: bool) -> tuple[float, float, float, float]:
     from megatron_vwlmm.convert.hf_configs import clip_vision_hf_config, llm_hf_config
     from megatron_vwlmm.convert.hf_mapping import megatron_to_hf
@@ -44,7 +48,7 @@ def main() -> None:
     from megatron_vwlmm.parallel.initialize import initialize_distributed
 
     initialize_distributed(tp=1, pp=1)
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+    print(f"device: {_device_name()}  torch {torch.__version__}  "
           f"backend {torch.distributed.get_backend()}")
     print(f"{'mode':>7} {'dtype':>5} {'lm (ours)':>11} {'lm (ref)':>11} {'rel':>9} "
           f"{'vm (ours)':>11} {'vm (ref)':>11} {'rel':>9}")

@@ -24,6 +24,7 @@ from preprocessing.schema import (FORMAT_VERSION, IGNORE_INDEX, IMAGE_TOKEN_ID, 
 from preprocessing.sources import laion, llava
 from preprocessing.tokenizer import tokenizer_identity
 from preprocessing.worker import CRASH_ENV, STATE_DIR, process_unit, unit_record_uri
+from preprocessing.writers import StagedFile
 
 log = logging.getLogger("vwlmm.preprocess")
 
@@ -162,8 +163,8 @@ def _init_ray(cfg: PreprocessConfig):
     return ray
 
 
-def _run_bounded(ray, fn, args_list, limit: int, options: dict, on_done) -> list:
-    """Submit tasks keeping at most ``limit`` in flight; results in submission order."""
+def _run_bounded(ray, fn, args_list, limit: int, options: dict, on_done=lambda r: r) -> list:
+    """Submit tasks keeping at most ``limit`` in flight; ``on_done(result)``s in submission order."""
     remote = ray.remote(fn).options(num_cpus=1, max_retries=3, **options)
     results: list = [None] * len(args_list)
     pending: dict = {}
@@ -175,8 +176,7 @@ def _run_bounded(ray, fn, args_list, limit: int, options: dict, on_done) -> list
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
             i = pending.pop(ref)
-            results[i] = ray.get(ref)
-            on_done(results[i])
+            results[i] = on_done(ray.get(ref))
     return results
 
 
@@ -190,6 +190,11 @@ FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKE
 def _task_env() -> dict:
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     return {"runtime_env": {"env_vars": env}} if env else {}
+
+
+def _summary(unit_result: dict) -> dict:
+    """A unit's result without its reject list (re-read from storage when finalizing)."""
+    return {k: v for k, v in unit_result.items() if k != "rejects"}
 
 
 @dataclass
@@ -220,12 +225,11 @@ def run(cfg: PreprocessConfig) -> RunSummary:
     cfg_dict = dataclasses.asdict(cfg)
     t0 = time.perf_counter()
     log.info("scanning %d input file(s) with %d worker(s)", len(files), workers)
-    scans = _run_bounded(ray, _scan_file, [(cfg_dict, f) for f in files], workers, _task_env(),
-                         lambda r: None)
+    scans = _run_bounded(ray, _scan_file, [(cfg_dict, f) for f in files], workers, _task_env())
     if cfg.source == "llava" and cfg.dedup:
         jobs = [(cfg_dict, f, c) for f, recs in zip(files, scans)
                 for c in range(-(-len(recs) // cfg.samples_per_shard))]
-        found = _run_bounded(ray, _digest_unit, jobs, workers, _task_env(), lambda r: None)
+        found = _run_bounded(ray, _digest_unit, jobs, workers, _task_env())
         for (_, f, c), chunk_digests in zip(jobs, found):
             for i, d in enumerate(chunk_digests):
                 scans[f.index][c * cfg.samples_per_shard + i]["digest"] = d
@@ -238,7 +242,7 @@ def run(cfg: PreprocessConfig) -> RunSummary:
     for u, d in zip(units, decisions):
         uri = unit_record_uri(cfg.output, u["index"])
         if storage.exists(uri):
-            results[u["index"]] = json.loads(storage.read_bytes(uri))
+            results[u["index"]] = _summary(json.loads(storage.read_bytes(uri)))
         else:
             todo.append((cfg_dict, u, d))
     bar = tqdm(total=total, unit="rec", disable=not cfg.progress, mininterval=1.0,
@@ -253,6 +257,7 @@ def run(cfg: PreprocessConfig) -> RunSummary:
         bar.set_postfix(samples=counts["good"], rejected=counts["rejected"],
                         samples_per_s=f"{rate:.1f}", refresh=False)
         bar.update(r["num_records"])
+        return _summary(r)
 
     for r in results.values():
         bar.update(r["num_records"])
@@ -274,14 +279,20 @@ def run(cfg: PreprocessConfig) -> RunSummary:
 
 
 def _finalize(cfg: PreprocessConfig, tok_info, unit_results: list[dict]) -> dict:
+    """Write rejects.jsonl and, last, manifest.json.
+
+    Reject records are streamed from the unit records on storage into a staged file, so the
+    driver never holds all of them (LAION-scale jobs reject tens of millions of records).
+    """
     rejected: dict[str, int] = {}
-    shards, lines = [], []
+    shards = []
     stats = {"num_records": 0, "num_tokens": 0, "min_tokens": None, "max_tokens": 0,
              "num_text_tokens": 0, "num_supervised_tokens": 0, "num_images": 0, "num_text_only": 0}
+    rejects_file = StagedFile(storage.join(cfg.output, REJECTS_NAME))
     for r in unit_results:
-        for rej in r["rejects"]:
+        for rej in json.loads(storage.read_bytes(unit_record_uri(cfg.output, r["index"])))["rejects"]:
             rejected[rej["reason"]] = rejected.get(rej["reason"], 0) + 1
-            lines.append(json.dumps(rej, sort_keys=True, ensure_ascii=False))
+            rejects_file.file.write(json.dumps(rej, sort_keys=True, ensure_ascii=False).encode() + b"\n")
         shards += r["shards"]
         stats["num_records"] += r["num_records"]
         st = r["stats"]
@@ -290,6 +301,7 @@ def _finalize(cfg: PreprocessConfig, tok_info, unit_results: list[dict]) -> dict
         stats["max_tokens"] = max(stats["max_tokens"], st["max_tokens"])
         if st["min_tokens"] is not None:
             stats["min_tokens"] = st["min_tokens"] if stats["min_tokens"] is None else min(stats["min_tokens"], st["min_tokens"])
+    rejects_file.commit()
     num_samples = sum(r["num_samples"] for r in unit_results)
     stats["mean_tokens"] = stats["num_tokens"] / num_samples if num_samples else 0.0
     manifest = {
@@ -311,8 +323,6 @@ def _finalize(cfg: PreprocessConfig, tok_info, unit_results: list[dict]) -> dict
         "config": cfg.content_dict(),
         "vwlmm_version": _version(),
     }
-    storage.write_bytes(storage.join(cfg.output, REJECTS_NAME),
-                        "".join(line + "\n" for line in lines).encode())
     # The manifest is committed last: its presence means the whole dataset is complete.
     storage.write_bytes(storage.join(cfg.output, MANIFEST_NAME),
                         json.dumps(manifest, indent=2, sort_keys=True).encode())

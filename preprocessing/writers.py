@@ -25,7 +25,7 @@ def _npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-class _Staged:
+class StagedFile:
     """A local temp file that becomes ``target`` on commit, or disappears on abort."""
 
     def __init__(self, target: str):
@@ -47,7 +47,7 @@ class WebDatasetShardWriter:
     format = "webdataset"
 
     def __init__(self, target: str):
-        self._staged = _Staged(target)
+        self._staged = StagedFile(target)
         self._tar = wds.TarWriter(self._staged.file, encoder=False, mtime=0.0,
                                   user="vwlmm", group="vwlmm", mode=0o444)
 
@@ -73,7 +73,7 @@ class ArrowShardWriter:
     BATCH = 64
 
     def __init__(self, target: str):
-        self._staged = _Staged(target)
+        self._staged = StagedFile(target)
         self._writer = pa.ipc.new_file(self._staged.file, ARROW_SCHEMA)
         self._rows: list[Sample] = []
 

@@ -123,6 +123,10 @@ class VWLMMModel(MegatronModule):
                 gather_output=False,
                 skip_bias_add=True,
             )
+        if config.bf16:
+            # As megatron's Float16Module: every parameter in bf16 (torch norms and the patch
+            # conv are created in fp32); the optimizer keeps fp32 main weights.
+            self.bfloat16()
         self._apply_freezing()
         self._mark_stage_replicas()
 

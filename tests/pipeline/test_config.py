@@ -14,7 +14,7 @@ import pytest
 from pipeline.config import ConfigError, load_config
 from pipeline.train import build_model_config
 from pipeline.validate import check_fp8_available, check_layout, check_manifest, check_model
-from tests.pipeline.shards import make_samples, write_dataset
+from pipeline.data.synthetic import make_samples, write_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 PRESETS = ["tiny-cpu", "stage1-vicuna-7b", "stage1-mistral-7b", "stage2-vicuna-7b",

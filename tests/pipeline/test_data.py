@@ -17,7 +17,7 @@ from pipeline.data.decode import CLIP_MEAN, CLIP_STD, BadSampleError, decode_sam
 from pipeline.data.loader import LoaderSpec, RankData
 from pipeline.data.manifest import load_manifest, select_shards
 from pipeline.data.order import is_validation_key
-from tests.pipeline.shards import make_samples, write_dataset
+from pipeline.data.synthetic import make_samples, write_dataset
 
 N = 30
 

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from megatron_vwlmm.parallel.launch import find_free_port
+from pipeline.data.synthetic import make_samples, write_dataset
 from tests.pipeline.launch import REPO, checkpoint_tensors, env, losses, train, train_cmd
-from tests.pipeline.shards import make_samples, write_dataset
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -138,8 +138,11 @@ def test_tp2_checkpoint_resumes_at_tp1_pp2(dataset, tmp_path):
     assert "layout TP=1 PP=2" in out.stdout and "resumed from" in out.stdout
     ref, got = losses(tp2)[3], losses(pp2)[3]
     assert sorted(losses(pp2)) == [3]
+    # fp32 tolerance: each loss carries the rounding of a log-sum-exp over 32000 logits (lse ~ 10,
+    # so ~1e-6 absolute), and TP=2 sums the vocab in two halves; vm_loss (~0.01) is a small
+    # difference of such terms, hence an absolute bound.
     for key in ("lm_loss", "vm_loss"):
-        assert abs(ref[key] - got[key]) <= 1e-5 * abs(ref[key]) + 1e-7, (key, ref[key], got[key])
+        assert abs(ref[key] - got[key]) <= 1e-5, (key, ref[key], got[key])
     assert ref["lm_loss"] != losses(tp2)[1]["lm_loss"]  # training moved: not a trivial match
 
 

@@ -152,6 +152,7 @@ def megatron_outputs(ckpt_dir: str, b, with_loss: bool = False, save_to: str | N
         sharded = {"model": model.sharded_state_dict(), "vwlmm_config": config_to_dict(config),
                    "layout": {"tp": ps.get_tensor_model_parallel_world_size(),
                               "pp": ps.get_pipeline_model_parallel_world_size()}}
+        Path(save_to).mkdir(parents=True, exist_ok=True)
         dist_checkpointing.save(sharded, save_to, sharded_strategy=("torch_dist", 1))
     last = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
     return result if last else None
