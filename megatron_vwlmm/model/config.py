@@ -105,7 +105,8 @@ class VWLMMConfig:
     transformer_impl: str = "auto"
     fp8: Optional[str] = None
     bf16: bool = False
-    kl_chunk_size: int = 1024
+    # Positions per chunk of the visual-word KL; None: sized from the vocab shard (bounded memory).
+    kl_chunk_size: Optional[int] = None
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -117,7 +118,8 @@ class VWLMMConfig:
         _require(self.lambda_vm >= 0, "lambda_vm", "must be >= 0")
         _require(self.image_token_id < 0, "image_token_id",
                  "must be negative (a placeholder outside the vocabulary)")
-        _require(self.kl_chunk_size > 0, "kl_chunk_size", "must be positive")
+        _require(self.kl_chunk_size is None or self.kl_chunk_size > 0, "kl_chunk_size",
+                 "must be positive (or None for automatic)")
 
     @property
     def num_patches(self) -> int:

@@ -71,8 +71,33 @@ def _parity(pif: bool) -> dict:
     }
 
 
+def _switch_grads(**changes) -> dict:
+    """Which parameter groups get a gradient under the freeze / vm_target_grad switches."""
+    from megatron_vwlmm.model import build_model
+    from megatron_vwlmm.model.forward_step import forward_step
+
+    config = cases.tiny_config(**changes)
+    model = build_model(config)
+    cases.perturb_(model)
+    output, loss_func = forward_step(cases.batch(cases.raw_samples(), config), model)
+    loss_func(output)[0].backward()
+    groups = {}
+    for name, param in model.named_parameters():
+        group = name.split(".")[0]
+        has_grad = param.grad is not None and bool(param.grad.abs().sum() > 0)
+        groups[group] = groups.get(group, False) or has_grad
+    groups["adapter_grad"] = model.adapter.encoder.linear_fc1.weight.grad
+    return groups
+
+
 def _both_modes():
-    return {"normal": _parity(False), "pif": _parity(True)}
+    return {
+        "normal": _parity(False),
+        "pif": _parity(True),
+        "detach": _switch_grads(vm_target_grad="detach"),
+        "full": _switch_grads(),
+        "frozen": _switch_grads(freeze_decoder=True, freeze_vm_head=True, freeze_vision=True),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +124,15 @@ def test_gradients_match_reference(parity, mode):
 
 def test_frozen_vision_gets_no_gradient(parity):
     assert parity["normal"]["vision_grad_is_none"]
+
+
+def test_switches_control_which_parts_learn(parity):
+    full, detach, frozen = parity["full"], parity["detach"], parity["frozen"]
+    assert full["vm_head"] and full["adapter"] and full["language_model"]
+    assert not full["vision_model"]
+    # Detached visual-word target: the VM head learns nothing from the KL (its only loss) and
+    # the adapter's gradient loses the target path.
+    assert not detach["vm_head"] and detach["adapter"]
+    assert not torch.allclose(detach["adapter_grad"], full["adapter_grad"])
+    # Stage-1 style: only the adapter trains, still through the frozen decoder.
+    assert frozen["adapter"] and not frozen["language_model"] and not frozen["vm_head"]

@@ -1,0 +1,91 @@
+"""megatron (TP2 x PP2, trainer-style checkpoint) -> llava-hf via the CLI: stock transformers
+loads it, logits and the visual-word KL equal megatron's, and AutoProcessor + generate work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.megatron_vwlmm.convert import fixtures as fx
+
+
+def _hf_inputs(b, image_token_index):
+    ids = b.tokens.clone()
+    ids[b.image_token_mask] = image_token_index
+    return dict(input_ids=ids, pixel_values=b.images, attention_mask=torch.ones_like(ids))
+
+
+@pytest.fixture(scope="module")
+def megatron_tp2pp2(layout_outputs):
+    return layout_outputs[("mistral", 2, 2)]
+
+
+def test_stock_transformers_loads_with_only_vm_head_extra(llava_export):
+    from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
+
+    _, info = LlavaForConditionalGeneration.from_pretrained(llava_export, output_loading_info=True)
+    assert list(info["missing_keys"]) == []
+    assert set(info["unexpected_keys"]) == {"vm_head.weight"}
+    auto = AutoModelForImageTextToText.from_pretrained(llava_export)
+    assert type(auto).__name__ == "LlavaForConditionalGeneration"
+    config = json.loads((llava_export / "config.json").read_text())
+    assert config["vision_feature_layer"] == -2 and config["image_token_index"] == fx.VOCAB
+    assert config["text_config"]["rms_norm_eps"] == 1e-5
+    assert config["text_config"]["vocab_size"] == fx.VOCAB + 1
+
+
+def test_logits_and_visual_word_kl_match_megatron(llava_export, megatron_tp2pp2):
+    from transformers import LlavaForConditionalGeneration
+
+    from megatron_vwlmm.convert.modeling_vwlmm import VWLMMForConditionalGeneration
+
+    b = fx.batch()
+    stock = LlavaForConditionalGeneration.from_pretrained(
+        llava_export, attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = stock(**_hf_inputs(b, fx.VOCAB)).logits[..., :fx.VOCAB]
+    ours = megatron_tp2pp2["logits"]
+    assert float((logits - ours).norm() / ours.norm()) <= 1e-5
+
+    model = VWLMMForConditionalGeneration.from_pretrained(
+        llava_export, attn_implementation="eager").eval()
+    with torch.no_grad():
+        mm = model(**_hf_inputs(b, fx.VOCAB)).logits[..., :model.text_vocab_size]
+        z = model.visual_word_logits(b.images)
+    vm = torch.zeros(*b.tokens.shape, fx.VOCAB)
+    vm[b.image_token_mask] = z.reshape(-1, fx.VOCAB)
+    # Reference formula (pengts/VW-LMM vw_llama.py): KLDivLoss(batchmean) of log_softmax of the
+    # shifted MM logits against softmax of the VM logits at image positions.
+    shift_mask = b.image_token_mask[:, 1:]
+    kl = torch.nn.KLDivLoss(reduction="batchmean")(
+        F.log_softmax(mm[:, :-1][shift_mask], dim=-1), F.softmax(vm[:, 1:][shift_mask], dim=-1))
+    expected = float(megatron_tp2pp2["vm_loss"])
+    assert expected > 1e-3
+    assert abs(float(kl) - expected) <= 1e-5 * expected, (float(kl), expected)
+
+
+def test_generate_through_auto_processor(llava_export):
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from megatron_vwlmm.convert.modeling_vwlmm import VWLMMForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(llava_export)
+    assert processor.num_additional_image_tokens == 1
+    assert processor.image_processor.do_pad
+    messages = [{"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": "describe the image ."}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt.startswith("<s>[INST] <image>\ndescribe")
+    image = Image.new("RGB", (40, 24), (200, 30, 60))
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 3, 32, 32)
+    assert int((inputs["input_ids"] == fx.VOCAB).sum()) == 16  # one token per patch
+    model = VWLMMForConditionalGeneration.from_pretrained(llava_export).eval()
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    assert 1 <= len(new) <= 4 and fx.VOCAB not in new.tolist()
+    assert isinstance(processor.decode(new), str)
