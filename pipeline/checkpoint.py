@@ -130,10 +130,13 @@ def _model_sharded(model_chunks) -> Dict[str, Any]:
 
 
 def _flat_model_sd(model_sd: Dict[str, Any]) -> Dict[str, Any]:
-    merged: Dict[str, Any] = {}
-    for sd in model_sd.values():
-        merged.update(sd)
-    return merged
+    """All chunks' entries in one dict for the optimizer (which maps params to their shards).
+
+    Virtual-pipeline chunks reuse local names (``decoder.layers.0`` in every chunk), so the
+    chunk key is kept as a prefix.
+    """
+    return {f"{chunk}.{name}": value for chunk, sd in model_sd.items()
+            for name, value in sd.items()}
 
 
 def _die_with_parent() -> None:

@@ -144,8 +144,9 @@ def report(run: Path) -> None:
     records = [r for r in read_metrics(run) if r["split"] == "train"]
     first, last = records[0], records[-1]
     for key in ("lm_loss", "vm_loss"):
-        print(f"{key}: {first[key]:.4f} (iteration 1) -> {last[key]:.4f} "
-              f"(iteration {last['iteration']})")
+        peak = max(records, key=lambda r: r[key])
+        print(f"{key}: {first[key]:.4f} (iteration 1), peak {peak[key]:.4f} (iteration "
+              f"{peak['iteration']}) -> {last[key]:.4f} (iteration {last['iteration']})")
     ckpt = latest_checkpoint(run / "checkpoints")
     # EXPORT HOOK (conversion issue): export `ckpt` to a Hugging Face folder with
     # `vwlmm-convert export` and print a caption generated from the exported model here.
@@ -161,7 +162,7 @@ def main(argv=None) -> None:
                     "trained with TP=2 (torchrun, gloo) -> checkpoint -> loss plot.")
     parser.add_argument("--out", type=Path, default=Path("demo_out"),
                         help="output folder (default: ./demo_out)")
-    parser.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
+    parser.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
     args = parser.parse_args(argv)
     t0 = time.time()
     out = args.out.resolve()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from preprocessing.config import IMAGE_MODES, OUTPUT_FORMATS, OVERLONG, TEMPLATES, PreprocessConfig
@@ -95,10 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _absolute(path: str | None) -> str | None:
+    """Local paths made absolute: Ray workers need not share the driver's working directory."""
+    if path is None or path.startswith("s3://"):
+        return path
+    return os.path.abspath(path)
+
+
 def config_from_args(argv: list[str] | None = None) -> PreprocessConfig:
     args = build_parser().parse_args(argv)
     kwargs = vars(args)
-    kwargs["inputs"] = kwargs.pop("input")
+    kwargs["inputs"] = [_absolute(p) for p in kwargs.pop("input")]
+    for name in ("image_root", "tokenizer", "output"):
+        kwargs[name] = _absolute(kwargs[name])
     return PreprocessConfig(**kwargs)
 
 

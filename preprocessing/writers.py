@@ -48,7 +48,8 @@ class WebDatasetShardWriter:
 
     def __init__(self, target: str):
         self._staged = StagedFile(target)
-        self._tar = wds.TarWriter(self._staged.file, encoder=False, mtime=0.0,
+        # An integer mtime: a float one makes tarfile add a PAX header (1 KiB) to every member.
+        self._tar = wds.TarWriter(self._staged.file, encoder=False, mtime=0,
                                   user="vwlmm", group="vwlmm", mode=0o444)
 
     def write(self, s: Sample) -> None:

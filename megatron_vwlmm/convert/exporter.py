@@ -46,7 +46,8 @@ def _architecture(source: CheckpointSource) -> str:
     arch = source.conversion.get("architecture")
     if arch:
         return arch
-    # Trainer checkpoints trained from a preset: the preset names the decoder family.
+    # Checkpoints without conversion metadata: the config name ("mistral-7b" preset,
+    # "hf-mistral" import) names the decoder family.
     return "mistral" if "mistral" in source.config.name else "llama"
 
 

@@ -167,7 +167,8 @@ def vwlmm_config_from_hf(llm_config, vision_config, *, seq_length: Optional[int]
         feature_layer=feature_layer,
         norm_epsilon=float(vision_config.layer_norm_eps),
     )
-    return VWLMMConfig(decoder=decoder, vision=vision, name="hf-import", **changes)
+    changes.setdefault("name", "hf-import")
+    return VWLMMConfig(decoder=decoder, vision=vision, **changes)
 
 
 # -- export configs --------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ def import_hf(llm_dir: str, vision_dir: str, out_dir: str, *, tp: int = 1, pp: i
     vision_config = vision_config_of(_auto_config(vision_path, "--vision"),
                                      f"{vision_path}/config.json")
     config = vwlmm_config_from_hf(llm_config, vision_config, seq_length=seq_length,
-                                  **config_changes)
+                                  name=f"hf-{architecture}", **config_changes)
     config.validate(tp, pp)
     check_tokenizer_fits(llm_path, config.decoder.vocab_size)
     vision = layouts.clip_vision_keys(read_hf_tensors(vision_path))
@@ -185,7 +185,8 @@ def import_original(src_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1,
     llm_config = (MistralConfig if architecture == "mistral" else LlamaConfig)(**fields)
     vision_config = _original_vision_config(raw, src, vision_dir)
     config = vwlmm_config_from_hf(llm_config, vision_config, seq_length=seq_length,
-                                  feature_layer=raw.get("mm_vision_select_layer", -2), pif=pif)
+                                  feature_layer=raw.get("mm_vision_select_layer", -2), pif=pif,
+                                  name=f"vwlmm-{architecture}")
     if raw.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu" or \
             raw.get("mm_vision_select_feature", "patch") != "patch":
         raise UnsupportedModelError(

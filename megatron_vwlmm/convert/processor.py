@@ -14,30 +14,31 @@ IMAGE_TOKEN = "<image>"
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
+# Jinja without whitespace trimming: the templates are single-line, every space is meant.
 _CONTENT = (
-    "{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}<image>\n{%- elif part['type'] == 'text' -%}"
-    "{{ part['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}"
+    "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
 )
 # preprocessing/templates.py renderings:
 #   vicuna_v1: <s>SYSTEM USER: <image>\nq ASSISTANT: a</s>USER: q2 ASSISTANT: a2</s>
 #   mistral:   <s>[INST] <image>\nq [/INST] a</s>[INST] q2 [/INST] a2</s>
 CHAT_TEMPLATES = {
     "vicuna_v1": (
-        "{{- bos_token -}}{%- for message in messages -%}"
-        "{%- if message['role'] == 'user' -%}"
-        "{%- if loop.first %}A chat between a curious user and an artificial intelligence "
+        "{{ bos_token }}{% for message in messages %}"
+        "{% if message['role'] == 'user' %}"
+        "{% if loop.first %}A chat between a curious user and an artificial intelligence "
         "assistant. The assistant gives helpful, detailed, and polite answers to the user's "
-        "questions. {% endif -%}USER: " + _CONTENT + " "
-        "{%- elif message['role'] == 'assistant' -%}ASSISTANT: " + _CONTENT + "{{ eos_token }}"
-        "{%- endif -%}{%- endfor -%}{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}"
+        "questions. {% endif %}USER: " + _CONTENT + " "
+        "{% elif message['role'] == 'assistant' %}ASSISTANT: " + _CONTENT + "{{ eos_token }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
     ),
     "mistral": (
-        "{{- bos_token -}}{%- for message in messages -%}"
-        "{%- if message['role'] == 'user' -%}[INST] " + _CONTENT + " [/INST]"
-        "{%- elif message['role'] == 'assistant' -%} " + _CONTENT + "{{ eos_token }}"
-        "{%- endif -%}{%- endfor -%}"
+        "{{ bos_token }}{% for message in messages %}"
+        "{% if message['role'] == 'user' %}[INST] " + _CONTENT + " [/INST]"
+        "{% elif message['role'] == 'assistant' %} " + _CONTENT + "{{ eos_token }}"
+        "{% endif %}{% endfor %}"
     ),
 }
 

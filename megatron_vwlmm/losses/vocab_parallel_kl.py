@@ -40,12 +40,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-# fp32 elements per chunk buffer when ``chunk_size`` is not given; a pass holds at most four such
-# buffers whatever N is. On CPU a 4 MiB buffer (32 rows at V/tp = 32000) stays in cache: on the
-# 2-core benchmark machine 16-32 rows ran ~2x faster than 128-512 rows. On GPUs each chunk costs
-# ~10 kernel launches, so chunks are larger (64 MiB) to keep the kernels bandwidth-bound.
-CPU_CHUNK_ELEMENTS = 1 << 20
-ACCELERATOR_CHUNK_ELEMENTS = 1 << 24
+# fp32 elements per chunk buffer when ``chunk_size`` is not given (64 MiB; 524 rows at V/tp =
+# 32000); a pass holds at most four such buffers whatever N is. Measured at N=2304, V=32000
+# (benchmarks/RESULTS.md): on an H100, 256+ rows match or beat naive while 64 rows are 2-3x
+# slower (kernel launches); on the 2-core CPU under contention 512 rows ran 0.4-0.6x naive while
+# 32 rows ran 2-3x naive (many small OpenMP regions), and on a quiet CPU both beat naive.
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
 # Rows of the [5, N] per-position statistics saved for backward.
 _MAX_S, _MAX_Z, _LOG_SUM_S, _LOG_SUM_Z, _KL = range(5)
@@ -64,11 +64,6 @@ def resolve_tp_group(
     if tp_group is None or dist.get_world_size(group=tp_group) == 1:
         return None
     return tp_group
-
-
-def default_chunk_elements(device: torch.device) -> int:
-    """fp32 elements per chunk buffer used when ``chunk_size`` is None (see the constants)."""
-    return CPU_CHUNK_ELEMENTS if device.type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
 
 
 def _row_chunks(num_rows: int, chunk_size: int):
@@ -164,8 +159,8 @@ def visual_word_kl(
         tp_group: the group holding the other vocab shards. None means megatron's tensor-model
             -parallel group when ``parallel_state`` is initialised, else unsharded inputs.
         chunk_size: positions processed at once, bounding the extra memory to about four fp32
-            ``[chunk_size, V/tp]`` buffers. None picks ``default_chunk_elements(device) // (V/tp)``
-            rows (32 on CPU, 524 on GPU at V/tp = 32000).
+            ``[chunk_size, V/tp]`` buffers. None picks ``DEFAULT_CHUNK_ELEMENTS // (V/tp)`` rows
+            (524 at V/tp = 32000).
 
     Returns:
         ``[N]`` fp32, identical on every rank of ``tp_group``. fp32 whatever the input dtype:
@@ -193,7 +188,7 @@ def visual_word_kl(
     if vocab_shard == 0:
         raise ValueError("mm_logits/vm_logits have an empty vocab shard (V/tp = 0)")
     if chunk_size is None:
-        chunk_size = max(1, default_chunk_elements(mm_logits.device) // vocab_shard)
+        chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // vocab_shard)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     return VocabParallelVisualWordKL.apply(

@@ -20,6 +20,7 @@ import torch
 
 from megatron_vwlmm.parallel.launch import find_free_port
 from pipeline.data.synthetic import make_samples, write_dataset
+from pipeline.plot import main as plot_main
 from tests.pipeline.launch import REPO, checkpoint_tensors, env, losses, train, train_cmd
 
 pytestmark = pytest.mark.timeout(600)
@@ -124,18 +125,23 @@ def test_kill_during_save_then_sigterm(dataset, tmp_path):
     assert not list(ckpts.glob("*.tmp")), "the failed save's leftovers were not cleaned up"
 
 
-def test_tp2_checkpoint_resumes_at_tp1_pp2(dataset, tmp_path):
-    """Save at TP=2, load at TP=1 x PP=2: the next step's loss matches TP=2's own next step."""
-    tp2 = tmp_path / "tp2"
+@pytest.mark.parametrize("layout", [["parallel.pp=2"], ["parallel.pp=2", "parallel.vpp=2"]],
+                         ids=["tp1_pp2", "tp1_pp2_interleaved"])
+def test_tp2_checkpoint_resumes_at_tp1_pp2(dataset, tmp_path_factory, layout):
+    """Save at TP=2, load at TP=1 x PP=2 (1F1B, then interleaved with 2 virtual stages): the
+    next step's loss matches TP=2's own next step."""
+    tp2 = tmp_path_factory.getbasetemp() / "tp2_reference"
     sets = ["train.train_iters=3", "checkpoint.save_interval=2", "checkpoint.keep_last=3",
             "data.format=arrow"]
-    train(2, dataset, tp2, sets + ["parallel.tp=2"])
-    pp2 = tmp_path / "pp2"
+    if not (tp2 / "checkpoints/iter_0000003").exists():  # shared by both layouts
+        train(2, dataset, tp2, sets + ["parallel.tp=2"])
+    pp2 = tmp_path_factory.mktemp("pp2")
     (pp2 / "checkpoints").mkdir(parents=True)
     shutil.copytree(tp2 / "checkpoints/iter_0000002", pp2 / "checkpoints/iter_0000002")
     (pp2 / "checkpoints/latest").write_text("iter_0000002\n")
-    out = train(2, dataset, pp2, sets + ["parallel.tp=1", "parallel.pp=2"])
-    assert "layout TP=1 PP=2" in out.stdout and "resumed from" in out.stdout
+    out = train(2, dataset, pp2, sets + ["parallel.tp=1"] + layout)
+    vpp = 2 if len(layout) == 2 else 1
+    assert f"layout TP=1 PP=2 VPP={vpp}" in out.stdout and "resumed from" in out.stdout
     ref, got = losses(tp2)[3], losses(pp2)[3]
     assert sorted(losses(pp2)) == [3]
     # fp32 tolerance: each loss carries the rounding of a log-sum-exp over 32000 logits (lse ~ 10,
@@ -159,3 +165,6 @@ def test_overfit_eight_samples_halves_both_losses(tmp_path):
     last = {k: sum(rec[i][k] for i in range(56, 61)) / 5 for k in first}
     assert last["lm_loss"] <= 0.5 * first["lm_loss"], (first, last)
     assert last["vm_loss"] <= 0.5 * first["vm_loss"], (first, last)
+
+    plot_main([str(run)])  # the loss-curve CLI on a real run folder
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

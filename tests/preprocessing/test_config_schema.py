@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +42,10 @@ def test_cli_args_map_to_config():
                             "t", "--output", "o", "--format", "both", "--no-dedup",
                             "--max-punsafe", "0.5", "--num-workers", "2"])
     assert (cfg.inputs, cfg.formats, cfg.dedup, cfg.max_punsafe) == (
-        ["a.tar", "a.parquet"], ("webdataset", "arrow"), False, 0.5)
+        [os.path.abspath("a.tar"), os.path.abspath("a.parquet")], ("webdataset", "arrow"), False, 0.5)
+    s3 = config_from_args(["--source", "llava", "--input", "s3://b/x.json", "--image-root",
+                           "s3://b/img", "--tokenizer", "t", "--output", "s3://b/out"])
+    assert (s3.inputs, s3.image_root, s3.output) == (["s3://b/x.json"], "s3://b/img", "s3://b/out")
 
 
 def test_help_documents_every_option():

@@ -63,6 +63,8 @@ def test_logits_and_visual_word_kl_match_megatron(llava_export, megatron_tp2pp2)
     kl = torch.nn.KLDivLoss(reduction="batchmean")(
         F.log_softmax(mm[:, :-1][shift_mask], dim=-1), F.softmax(vm[:, 1:][shift_mask], dim=-1))
     expected = float(megatron_tp2pp2["vm_loss"])
+    print(f"llava-hf logits rel {float((logits - ours).norm() / ours.norm()):.2e}; "
+          f"KL {float(kl):.8f} vs megatron vm_loss {expected:.8f}")
     assert expected > 1e-3
     assert abs(float(kl) - expected) <= 1e-5 * expected, (float(kl), expected)
 

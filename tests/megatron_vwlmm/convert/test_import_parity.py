@@ -18,6 +18,7 @@ def test_logits_match_hf(layout_outputs, reference_logits, arch, tp, pp):
     ours = layout_outputs[(arch, tp, pp)]["logits"]
     ref = reference_logits[arch]
     assert ours.shape == ref.shape
+    print(f"import parity {arch} TP{tp} PP{pp}: rel {_rel(ours, ref):.2e}")
     assert _rel(ours, ref) <= 1e-5, (arch, tp, pp, _rel(ours, ref))
 
 

@@ -13,7 +13,6 @@ def test_visualize_png_and_table(llava_export, tmp_path, monkeypatch):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8))
     image.save(tmp_path / "in.png")
     drawn = []
-    original = visualize.ImageDraw if hasattr(visualize, "ImageDraw") else None
     from PIL import ImageDraw
 
     real_text = ImageDraw.ImageDraw.text
@@ -29,4 +28,3 @@ def test_visualize_png_and_table(llava_export, tmp_path, monkeypatch):
     assert len(table) == 4 and all(len(row.split()) == 4 for row in table)
     assert [t for row in table for t in row.split()] == drawn
     assert not np.array_equal(np.asarray(out), np.asarray(image))
-    del original
