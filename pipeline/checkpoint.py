@@ -37,6 +37,7 @@ class TrainState:
 
     iteration: int = 0
     consumed_samples: int = 0
+    saved_layout: Optional[Dict[str, int]] = None  # layout of the checkpoint it came from
 
 
 def _name(iteration: int) -> str:
@@ -315,4 +316,4 @@ class CheckpointManager:
             _restore_rng(loaded["rng_state"])
         ts = common["train_state"]
         return TrainState(iteration=int(ts["iteration"]),
-                          consumed_samples=int(ts["consumed_samples"]))
+                          consumed_samples=int(ts["consumed_samples"]), saved_layout=saved_layout)

@@ -267,6 +267,11 @@ def _train(cfg, model_cfg, shards, s3, dp_size, preempt) -> Dict[str, Any]:
         state = ckpt.load(resume_from, chunks, optimizer, scheduler)
         _log(f"resumed from {resume_from} at iteration {state.iteration}, "
              f"{state.consumed_samples} samples consumed")
+        saved_dp = (state.saved_layout or {}).get("dp", dp_size)
+        if saved_dp != dp_size and shards[0].format == "webdataset":
+            _log(f"warning: checkpoint was written at DP={saved_dp}, now DP={dp_size}; "
+                 "WebDataset streams are per rank, so the resumed order is not the one an "
+                 "uninterrupted run would have read (use Arrow shards for exact DP changes)")
     elif cfg.model.init_from:
         ckpt.load(Path(cfg.model.init_from), chunks)
         optimizer.reload_model_params()
