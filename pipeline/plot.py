@@ -35,18 +35,23 @@ def plot(run_dir: Path, out: Path) -> Path:
             train[r["iteration"]] = r
     valid = [r for r in records if r.get("split") == "valid"]
     iters = sorted(train)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for key, style in (("lm_loss", "-"), ("vm_loss", "-"), ("total_loss", "--")):
-        ax.plot(iters, [train[i].get(key) for i in iters], style, label=key)
-    for key in ("valid_lm_loss", "valid_vm_loss"):
-        pts = [(r["iteration"], r[key]) for r in valid if key in r]
-        if pts:
-            ax.plot(*zip(*pts), "o", label=key)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss")
-    ax.set_title(f"VW-LMM training: {Path(run_dir).name}")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    # Two panels: the KL (vm_loss) is orders of magnitude below the CE and would look flat on
+    # a shared axis, so it gets its own log-scale panel.
+    fig, (ax_lm, ax_vm) = plt.subplots(1, 2, figsize=(11, 4.5))
+    panels = ((ax_lm, ("lm_loss", "total_loss"), "linear"), (ax_vm, ("vm_loss",), "log"))
+    for ax, keys, scale in panels:
+        for key in keys:
+            ax.plot(iters, [train[i].get(key) for i in iters],
+                    "--" if key == "total_loss" else "-", label=key)
+            pts = [(r["iteration"], r[f"valid_{key}"]) for r in valid if f"valid_{key}" in r]
+            if pts:
+                ax.plot(*zip(*pts), "o", label=f"valid_{key}")
+        ax.set_yscale(scale)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax_lm.set_ylabel("loss")
+    fig.suptitle(f"VW-LMM training: {Path(run_dir).resolve().name}")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

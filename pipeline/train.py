@@ -157,6 +157,48 @@ class StepData:
         return [iter(batches) for _ in range(self.num_chunks)], keys, images, lm_tokens
 
 
+def build_rank_data(cfg: TrainConfig, model_cfg, shards, s3, dp_size: int):
+    """(LoaderSpec, RankData or None): only the first and last pipeline stages read data."""
+    from megatron.core import parallel_state as ps
+
+    from pipeline.data.loader import LoaderSpec, RankData
+
+    spec = LoaderSpec(
+        shards=tuple(shards), format=shards[0].format,
+        micro_batch_size=cfg.data.micro_batch_size, global_batch_size=cfg.data.global_batch_size,
+        dp_size=dp_size, dp_rank=ps.get_data_parallel_rank(with_context_parallel=True),
+        seed=cfg.data.seed, seq_length=model_cfg.decoder.seq_length,
+        num_patches=model_cfg.num_patches, image_size=model_cfg.vision.image_size,
+        pad_token_id=cfg.data.pad_token_id, valid_fraction=cfg.data.valid_fraction,
+        num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor, s3=s3)
+    needs_data = ps.is_pipeline_first_stage(ignore_virtual=True) or \
+        ps.is_pipeline_last_stage(ignore_virtual=True)
+    return spec, (RankData(spec) if needs_data else None)
+
+
+def train_step(chunks, optimizer, scheduler, fwd_bwd, iters, num_microbatches: int,
+               micro_batch_size: int, seq_length: int, iteration: int):
+    """One optimizer step over ``num_microbatches``; returns (per-micro-batch losses, grad norm).
+
+    Gradients accumulate in megatron's grad buffers across the micro-batches; the schedule
+    calls ``finalize_model_grads`` (DP reduce + stage-replica all-reduce) before the step.
+    """
+    for c in chunks:
+        c.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = fwd_bwd(forward_step_func=forward_step_func,
+                     data_iterator=iters if len(chunks) > 1 else iters[0],
+                     model=chunks if len(chunks) > 1 else chunks[0],
+                     num_microbatches=num_microbatches, seq_length=seq_length,
+                     micro_batch_size=micro_batch_size, forward_only=False)
+    ok, grad_norm, _ = optimizer.step()
+    if not ok:
+        raise FloatingPointError(f"iteration {iteration}: optimizer step skipped "
+                                 "(inf/nan gradients)")
+    scheduler.step(increment=1)
+    return losses, grad_norm
+
+
 def reduce_losses(losses_reduced: List[Dict[str, torch.Tensor]],
                   lambda_vm: float) -> Dict[str, float]:
     """Mean over micro-batches, then over DP ranks (only meaningful on the last stage).
@@ -237,7 +279,6 @@ def _train(cfg, model_cfg, shards, s3, dp_size, preempt) -> Dict[str, Any]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from pipeline.checkpoint import CheckpointManager, TrainState, latest_checkpoint
-    from pipeline.data.loader import LoaderSpec, RankData
     from pipeline.flops import step_flops
     from pipeline.metrics import MetricsLogger, peak_memory_gib
     from pipeline.optim import build_optimizer, build_scheduler
@@ -280,17 +321,8 @@ def _train(cfg, model_cfg, shards, s3, dp_size, preempt) -> Dict[str, Any]:
     # --- data --------------------------------------------------------------------------------
     mbs, gbs = cfg.data.micro_batch_size, cfg.data.global_batch_size
     num_microbatches = gbs // (mbs * dp_size)
-    needs_data = ps.is_pipeline_first_stage(ignore_virtual=True) or \
-        ps.is_pipeline_last_stage(ignore_virtual=True)
-    spec = LoaderSpec(
-        shards=tuple(shards), format=shards[0].format, micro_batch_size=mbs,
-        global_batch_size=gbs, dp_size=dp_size,
-        dp_rank=ps.get_data_parallel_rank(with_context_parallel=True), seed=cfg.data.seed,
-        seq_length=model_cfg.decoder.seq_length, num_patches=model_cfg.num_patches,
-        image_size=model_cfg.vision.image_size, pad_token_id=cfg.data.pad_token_id,
-        valid_fraction=cfg.data.valid_fraction, num_workers=cfg.data.num_workers,
-        prefetch_factor=cfg.data.prefetch_factor, s3=s3)
-    data = RankData(spec) if needs_data else None
+    spec, data = build_rank_data(cfg, model_cfg, shards, s3, dp_size)
+    needs_data = data is not None
     train_data = StepData(data.train_iterator(state.consumed_samples) if data else None,
                           needs_data, device, len(chunks))
 
@@ -315,19 +347,8 @@ def _train(cfg, model_cfg, shards, s3, dp_size, preempt) -> Dict[str, Any]:
     while state.iteration < cfg.train.train_iters:
         metrics.start_step()
         iters, keys, n_images, n_lm_tokens = train_data.next_step(num_microbatches)
-        for c in chunks:
-            c.zero_grad_buffer()
-        optimizer.zero_grad()
-        losses = fwd_bwd(forward_step_func=forward_step_func,
-                         data_iterator=iters if len(chunks) > 1 else iters[0],
-                         model=chunks if len(chunks) > 1 else chunks[0],
-                         num_microbatches=num_microbatches, seq_length=seq_len,
-                         micro_batch_size=mbs, forward_only=False)
-        ok, grad_norm, _ = optimizer.step()
-        if not ok:
-            raise FloatingPointError(f"iteration {state.iteration + 1}: optimizer step skipped "
-                                     "(inf/nan gradients)")
-        scheduler.step(increment=1)
+        losses, grad_norm = train_step(chunks, optimizer, scheduler, fwd_bwd, iters,
+                                       num_microbatches, mbs, seq_len, state.iteration + 1)
         state.iteration += 1
         state.consumed_samples += gbs
         if keys_file is not None:
