@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_vwlmm.convert.megatron_io import config_to_dict
+
 LATEST = "latest"
 _PREFIX = "iter_"
 
@@ -258,6 +260,8 @@ class CheckpointManager:
                                   "consumed_samples": state.consumed_samples}
         sharded["layout"] = layout
         sharded["config"] = self.config_dict
+        # The exact model config, so export needs no trainer code to rebuild the model.
+        sharded["vwlmm_config"] = config_to_dict(_unwrap(model_chunks[0]).vwlmm_config)
         dist_checkpointing.save(sharded, str(tmp), sharded_strategy=("torch_dist", 1))
         if self.fault_kill_during_save == state.iteration:
             # Failure injection: the shard files exist but the save never committed.

@@ -5,7 +5,8 @@
    on a private Ray head bound to 127.0.0.1;
 2. the `tiny-cpu` VW-LMM trained with TP=2 under torchrun (gloo) for a few dozen steps;
 3. megatron dist checkpoints, metrics (stdout, JSONL, TensorBoard) and a loss-curve PNG;
-4. HF export + caption: hook for the conversion issue (see EXPORT HOOK below).
+4. export to a Hugging Face llava-hf folder, a caption generated from it with stock
+   transformers (`AutoProcessor` + `generate`), and the paper's visual-word map of an image.
 
 Everything goes under --out (default ./demo_out); the last lines say where.
 """
@@ -92,12 +93,12 @@ def preprocess(out: Path) -> Path:
     from preprocessing.fixtures import write_demo_dataset
     from preprocessing.tokenizer import build_mistral_hf_tokenizer
 
-    _step("1/4 fixtures + tokenizer")
+    _step("1/5 fixtures + tokenizer")
     raw = write_demo_dataset(out / "raw", max_side=96, laion_per_tar=16)
     tokenizer = build_mistral_hf_tokenizer(out / "tokenizer")
     print(f"raw LAION-style inputs: {raw.laion_inputs}\ntokenizer: {tokenizer}")
 
-    _step("2/4 preprocessing Ray job (ray job submit ... -- vwlmm-preprocess)")
+    _step("2/5 preprocessing Ray job (ray job submit ... -- vwlmm-preprocess)")
     data = out / "data"
     head = RayHead()
     try:
@@ -121,7 +122,7 @@ def preprocess(out: Path) -> Path:
 
 
 def train(out: Path, data: Path, steps: int) -> Path:
-    _step(f"3/4 training tiny-cpu with TP=2 under torchrun ({steps} steps)")
+    _step(f"3/5 training tiny-cpu with TP=2 under torchrun ({steps} steps)")
     run = out / "run"
     shutil.rmtree(run, ignore_errors=True)  # a demo always starts fresh
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -135,11 +136,11 @@ def train(out: Path, data: Path, steps: int) -> Path:
     return run
 
 
-def report(run: Path) -> None:
+def report(run: Path) -> Path:
     from pipeline.checkpoint import latest_checkpoint
     from pipeline.plot import plot, read_metrics
 
-    _step("4/4 results")
+    _step("4/5 results")
     png = plot(run, run / "loss.png")
     records = [r for r in read_metrics(run) if r["split"] == "train"]
     first, last = records[0], records[-1]
@@ -148,18 +149,47 @@ def report(run: Path) -> None:
         print(f"{key}: {first[key]:.4f} (iteration 1), peak {peak[key]:.4f} (iteration "
               f"{peak['iteration']}) -> {last[key]:.4f} (iteration {last['iteration']})")
     ckpt = latest_checkpoint(run / "checkpoints")
-    # EXPORT HOOK (conversion issue): export `ckpt` to a Hugging Face folder with
-    # `vwlmm-convert export` and print a caption generated from the exported model here.
-    print("HF export + caption: pending the conversion issue (hook in pipeline/demo.py)")
     print(f"\ncheckpoint:   {ckpt}\nmetrics:      {run / 'metrics.jsonl'}\n"
           f"tensorboard:  {run / 'tensorboard'}\nloss curves:  {png}")
+    return ckpt
+
+
+def export_and_caption(out: Path, ckpt: Path) -> None:
+    """The trained checkpoint as a stock-transformers model: caption a training image with it
+    and draw its visual words (paper Fig. 10)."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from megatron_vwlmm.convert.exporter import export_checkpoint
+    from megatron_vwlmm.convert.modeling_vwlmm import VWLMMForConditionalGeneration
+    from megatron_vwlmm.convert.visualize import visualize
+
+    _step("5/5 Hugging Face export, caption, visual words")
+    hf_dir = out / "hf"
+    shutil.rmtree(hf_dir, ignore_errors=True)
+    export_checkpoint(str(ckpt), str(hf_dir), format="llava-hf",
+                      tokenizer_dir=str(out / "tokenizer"))
+    image_path = sorted((out / "raw").rglob("*.jpg"))[0]
+    processor = AutoProcessor.from_pretrained(hf_dir)
+    model = VWLMMForConditionalGeneration.from_pretrained(hf_dir).eval()
+    # The `plain` pretraining template: the image, then the caption.
+    inputs = processor(images=Image.open(image_path).convert("RGB"), text="<image>",
+                       return_tensors="pt")
+    generated = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    caption = processor.decode(generated[0, inputs["input_ids"].shape[1]:],
+                               skip_special_tokens=True)
+    words_png, words_txt = visualize(str(hf_dir), str(image_path), str(out / "visual_words.png"))
+    print(f"HF model:     {hf_dir} (loads with transformers' LlavaForConditionalGeneration)")
+    print(f"caption of {image_path.name}: {caption.strip()!r}")
+    print(f"visual words: {words_png} (table: {words_txt})")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.demo",
         description="End-to-end CPU demo: Ray preprocessing of bundled fixtures -> tiny VW-LMM "
-                    "trained with TP=2 (torchrun, gloo) -> checkpoint -> loss plot.")
+                    "trained with TP=2 (torchrun, gloo) -> checkpoint -> loss plot -> HF export "
+                    "-> caption and visual-word map.")
     parser.add_argument("--out", type=Path, default=Path("demo_out"),
                         help="output folder (default: ./demo_out)")
     parser.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
@@ -169,7 +199,8 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     data = preprocess(out)
     run = train(out, data, args.steps)
-    report(run)
+    ckpt = report(run)
+    export_and_caption(out, ckpt)
     print(f"demo finished in {time.time() - t0:.0f} s; everything is under {out}")
 
 

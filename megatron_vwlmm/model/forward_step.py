@@ -22,10 +22,12 @@ def loss_func(lambda_vm: float, output_tensor: torch.Tensor) -> tuple[torch.Tens
     lm_loss = stats[LM_SUM] / stats[LM_COUNT].clamp(min=1)
     vm_loss = stats[VM_SUM] / stats[VM_COUNT].clamp(min=1)
     total = lm_loss + lambda_vm * vm_loss
+    # Clones: megatron's schedule divides the returned loss in place by the number of
+    # micro-batches, which would also scale a detached view of it.
     return total, {
-        "lm_loss": lm_loss.detach(),
-        "vm_loss": vm_loss.detach(),
-        "total_loss": total.detach(),
+        "lm_loss": lm_loss.detach().clone(),
+        "vm_loss": vm_loss.detach().clone(),
+        "total_loss": total.detach().clone(),
     }
 
 

@@ -13,6 +13,8 @@ Both formats yield ``(VWLMMBatch, keys)`` micro-batches in the order fixed by
 
 from __future__ import annotations
 
+import signal
+
 import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -64,7 +66,15 @@ def collate(samples: List[Dict[str, Any]], spec: LoaderSpec):
 
 
 def _worker_init(_: int) -> None:
+    """Loader workers leave termination signals to the trainer process.
+
+    Slurm signals every process of a step (preemption, time limit, scancel): a worker dying of
+    SIGTERM would crash the trainer before it can checkpoint. The trainer handles the signal,
+    saves, and its exit reaps the workers.
+    """
     torch.set_num_threads(1)
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class ArrowPositions(Dataset):
