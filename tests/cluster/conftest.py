@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_harness import LocalSlurm, SlurmUnavailable, missing_prerequisites
+from tests.cluster.slurm_harness import LocalSlurm, SlurmUnavailable, missing_prerequisites
 
 REPO = Path(__file__).resolve().parents[2]
 

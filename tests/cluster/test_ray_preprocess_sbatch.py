@@ -8,7 +8,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cluster_jobs import RAY_SBATCH, job_env, read, require_module
+from tests.cluster.cluster_jobs import RAY_SBATCH, job_env, read, require_module
 
 
 def ray_processes_under(path: str):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_jobs import (TRAIN_SBATCH, job_env, latest_checkpoint, read, require_module,
+from tests.cluster.cluster_jobs import (TRAIN_SBATCH, job_env, latest_checkpoint, read, require_module,
                   train_iterations)
 
 ITERS = 6

@@ -161,7 +161,7 @@ def seaweed(tmp_path_factory):
 def clean_run(ray_head, demo, tokenizer_dir, tmp_path_factory):
     """Reference: vicuna_v1 over the LLaVA fixtures, 2 workers, uninterrupted (read-only)."""
     out = tmp_path_factory.mktemp("clean") / "out"
-    from pp_checks import llava_args, run_cli
+    from tests.preprocessing.pp_checks import llava_args, run_cli
 
     run_cli(ray_head, llava_args(demo, tokenizer_dir, "vicuna_v1", out) + ["--num-workers", "2"])
     return out

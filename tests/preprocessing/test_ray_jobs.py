@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pp_checks import (check_output, laion_args, llava_args, render_ids, run_cli,
+from tests.preprocessing.pp_checks import (check_output, laion_args, llava_args, render_ids, run_cli,
                        supervised_runs, tree_digest)
 from preprocessing.templates import VICUNA_SYSTEM
 from preprocessing.tokenizer import load_tokenizer

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pp_checks import check_output, laion_args, llava_args, run_cli
+from tests.preprocessing.pp_checks import check_output, laion_args, llava_args, run_cli
 from preprocessing.schema import load_manifest
 from preprocessing.tokenizer import load_tokenizer
 
