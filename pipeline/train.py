@@ -23,11 +23,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import ConfigError, TrainConfig, describe_fields, load_config
-from pipeline.validate import check_fp8_available, check_layout, check_manifest, check_model
-
-# Hook for the HF import of the conversion issue: `model.init_from` takes a megatron dist
-# checkpoint (what `vwlmm-convert import` writes); weights only, any TP/PP layout.
-
+from pipeline.validate import (check_fp8_available, check_init_from, check_layout, check_manifest,
+                               check_model)
 
 def build_model_config(cfg: TrainConfig):
     """The ``VWLMMConfig`` of this run: preset + overrides + precision flags."""
@@ -256,6 +253,7 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
     check_fp8_available(cfg)
     model_cfg = build_model_config(cfg)
     check_model(model_cfg, cfg)
+    check_init_from(model_cfg, cfg)
     s3 = S3Options(cfg.data.s3_endpoint_url, cfg.data.s3_region)
     if not cfg.data.path:
         raise ConfigError("data.path: required (the preprocessing output folder or s3:// URL)")

@@ -98,3 +98,38 @@ def _longest_sample(manifest: Dict[str, Any]):
         if stats.get(key) is not None:
             return int(stats[key])
     return None
+
+
+# Fields that fix tensor shapes or the function the weights compute: an initial checkpoint must
+# agree on all of them (training flags such as freezing or lambda_vm may differ).
+_SHAPE_FIELDS = {
+    "decoder": ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                "num_query_groups", "vocab_size", "rotary_base", "norm_epsilon"),
+    "vision": ("image_size", "patch_size", "num_layers", "hidden_size", "ffn_hidden_size",
+               "num_attention_heads", "feature_layer", "norm_epsilon"),
+}
+
+
+def check_init_from(model_cfg: Any, cfg: TrainConfig) -> None:
+    """``model.init_from`` must hold a model of this run's shape (e.g. the HF import of the
+    LLM the preset names); say which fields differ rather than failing inside a load."""
+    if not cfg.model.init_from:
+        return
+    from megatron_vwlmm.convert.errors import IncompleteCheckpointError
+    from megatron_vwlmm.convert.megatron_io import resolve_checkpoint
+
+    try:
+        source = resolve_checkpoint(cfg.model.init_from)
+    except IncompleteCheckpointError as exc:
+        raise ConfigError(f"model.init_from={cfg.model.init_from!r}: {exc}") from exc
+    differing = [
+        f"{group}.{name}: run {getattr(getattr(model_cfg, group), name)!r} vs checkpoint "
+        f"{getattr(getattr(source.config, group), name)!r}"
+        for group, names in _SHAPE_FIELDS.items() for name in names
+        if getattr(getattr(model_cfg, group), name) != getattr(getattr(source.config, group), name)
+    ]
+    if differing:
+        raise ConfigError(
+            f"model.init_from={cfg.model.init_from!r} holds a different model than preset "
+            f"{cfg.model.preset!r} with its overrides: " + "; ".join(differing)
+            + " (set model.preset / model.overrides to match the imported model)")

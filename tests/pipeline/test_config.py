@@ -132,3 +132,32 @@ def test_cli_reports_config_errors_and_documents_every_key(tmp_path):
                                text=True, timeout=120).stdout
     for key in ("optim.adapter_lr", "checkpoint.keep_last", "parallel.vpp", "data.format"):
         assert key in help_text
+
+
+def _save_tiny_imports(root: str) -> None:
+    """Two TP1PP1 checkpoints as `vwlmm-convert import` writes them: the tiny-cpu model shape,
+    and the same with a doubled hidden size (one process launch for both)."""
+    from megatron_vwlmm.convert.megatron_io import save_checkpoint
+    from megatron_vwlmm.model import build_model
+    from megatron_vwlmm.model.config import replace
+
+    _, model_cfg = _tiny()
+    wider = replace(model_cfg, **{"decoder.hidden_size": 2 * model_cfg.decoder.hidden_size})
+    for name, config in (("same", model_cfg), ("other", wider)):
+        save_checkpoint(build_model(config), config, f"{root}/{name}",
+                        layout={"tp": 1, "pp": 1}, source={"test": True})
+
+
+def test_init_from_must_hold_a_model_of_the_run_shape(tmp_path):
+    from megatron_vwlmm.parallel.launch import run_on_ranks
+    from pipeline.validate import check_init_from
+
+    run_on_ranks(_save_tiny_imports, 1, args=(str(tmp_path),))
+    cfg, model_cfg = _tiny(f"model.init_from={tmp_path / 'same'}")
+    check_init_from(model_cfg, cfg)  # same shapes: accepted
+    cfg, model_cfg = _tiny(f"model.init_from={tmp_path / 'other'}")
+    with pytest.raises(ConfigError, match=r"decoder.hidden_size: run 64 vs checkpoint 128"):
+        check_init_from(model_cfg, cfg)
+    cfg, model_cfg = _tiny(f"model.init_from={tmp_path / 'missing'}")
+    with pytest.raises(ConfigError, match="checkpoint directory does not exist"):
+        check_init_from(model_cfg, cfg)
