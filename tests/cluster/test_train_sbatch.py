@@ -20,9 +20,9 @@ ITERS = 6
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    """A small Arrow dataset written per the data contract (tests/pipeline/shards.py)."""
+    """A small Arrow dataset written per the data contract (pipeline/data/synthetic.py)."""
     require_module("pipeline.train", "the training driver (issue 4)")
-    from tests.pipeline.shards import make_samples, write_dataset
+    from pipeline.data.synthetic import make_samples, write_dataset
 
     root = tmp_path_factory.mktemp("train-data")
     return Path(write_dataset(str(root), make_samples(64), 16, formats=("arrow",)))
