@@ -4,7 +4,9 @@ One saved state (a dist checkpoint) is loaded into every layout, since the same 
 give the same weights across PP sizes. Each layout runs megatron's real schedule (1F1B when
 PP > 1) over two micro-batches, sums the stage-replica gradients like the trainer does, and
 saves its gradients *as a checkpoint* in its own layout; one TP1PP1 process then loads every
-gradient checkpoint back, so megatron's own resharding assembles the full gradients.
+gradient checkpoint back, so megatron's own resharding assembles the full gradients. All of it
+runs in one 4-rank launch that rebuilds megatron's groups per layout (spare ranks are DP
+replicas).
 """
 
 from __future__ import annotations
@@ -37,20 +39,28 @@ def _build(pif: bool):
     return config, model
 
 
+def _use_layout(tp: int, pp: int) -> None:
+    """Rebuild megatron's groups for another layout in the same ranks (saves process starts;
+    spare ranks become data-parallel replicas, which see the same batches here)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_vwlmm.parallel.initialize import set_seed
+
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    set_seed(1234)
+
+
 def _save_initial_weights(root: str) -> None:
     from megatron.core import dist_checkpointing
 
     for mode, pif in MODES.items():
         _, model = _build(pif)
         cases.perturb_(model)
-        os.makedirs(f"{root}/{mode}/weights")
+        if torch.distributed.get_rank() == 0:
+            os.makedirs(f"{root}/{mode}/weights")
+        torch.distributed.barrier()
         dist_checkpointing.save(model.sharded_state_dict(), f"{root}/{mode}/weights")
-
-
-def _save_and_run_reference(root: str) -> dict:
-    """One process for the initial weights and the TP1PP1 run (saves a process start)."""
-    _save_initial_weights(root)
-    return _run_layout(root, "tp1pp1")
 
 
 def _run_layout(root: str, layout: str) -> dict:
@@ -102,18 +112,30 @@ def _gather_full_grads(root: str) -> dict:
     return full
 
 
+def _all_layouts(root: str) -> dict:
+    """Every layout in one 4-rank launch: weights, each layout's run, then the gather."""
+    from megatron.core import parallel_state as ps
+
+    _use_layout(1, 1)
+    _save_initial_weights(root)
+    losses = {}
+    for layout, (tp, pp) in LAYOUTS.items():
+        _use_layout(tp, pp)
+        result = _run_layout(root, layout)
+        # Losses live on the last pipeline stage; collect them from the last rank.
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, result if ps.is_pipeline_last_stage() else None)
+        losses[layout] = gathered[-1]
+    _use_layout(1, 1)
+    grads = _gather_full_grads(root)  # collective loads: every (replica) rank takes part
+    return {"losses": losses, "grads": grads if torch.distributed.get_rank() == 0 else None}
+
+
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("layouts"))
-    losses = {"tp1pp1": run_on_ranks(_save_and_run_reference, 1, args=(root,))[0]}
-    for layout, (tp, pp) in LAYOUTS.items():
-        if layout == "tp1pp1":
-            continue
-        results = run_on_ranks(_run_layout, tp * pp, tp=tp, pp=pp, args=(root, layout))
-        # Losses come from the last pipeline stage (the last ranks).
-        losses[layout] = results[-1]
-    grads = run_on_ranks(_gather_full_grads, 1, args=(root,))[0]
-    return losses, grads
+    result = run_on_ranks(_all_layouts, 4, args=(root,))[0]
+    return result["losses"], result["grads"]
 
 
 @pytest.mark.parametrize("mode", list(MODES))
