@@ -143,7 +143,14 @@ def _flat_model_sd(model_sd: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _die_with_parent() -> None:
-    """Runs in megatron's checkpoint-queue Manager process: exit when the trainer dies."""
+    """Runs in megatron's checkpoint-queue Manager process: exit when the trainer dies, and
+    leave termination signals to the trainer.
+
+    Slurm signals every process of a step on preemption or ``scancel --signal``; a Manager that
+    died of that SIGTERM would break the very checkpoint the trainer writes in response.
+    """
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
     try:
         import ctypes
 
