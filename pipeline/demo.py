@@ -15,78 +15,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+from preprocessing.local_ray import LocalRayHead, free_port, ray_env
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _service_env() -> dict:
-    env = dict(os.environ)
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
-               PATH=f"{BIN}:{env.get('PATH', '')}", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    env.pop("RAY_ADDRESS", None)
-    return env
+    return ray_env(pythonpath=str(REPO), OMP_NUM_THREADS="1")
 
 
 def _step(msg: str) -> None:
     print(f"\n=== {msg}", flush=True)
-
-
-class RayHead:
-    """`ray start --head --block` on 127.0.0.1 with free ports; stopped by its own PID."""
-
-    def __init__(self) -> None:
-        self.temp = tempfile.mkdtemp(prefix="vwd", dir="/tmp")  # short: Ray's unix sockets
-        self.dashboard_port = _free_port()
-        cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2",
-               "--dashboard-host=127.0.0.1", "--disable-usage-stats", f"--temp-dir={self.temp}",
-               f"--port={_free_port()}", f"--dashboard-port={self.dashboard_port}",
-               f"--ray-client-server-port={_free_port()}", "--object-store-memory=300000000"]
-        self.log = open(os.path.join(self.temp, "head.log"), "w")
-        self.proc = subprocess.Popen(cmd, env=_service_env(), stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2)
-                return
-            except urllib.error.HTTPError:  # answering (token auth may refuse anonymous calls)
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    self.stop()
-                    raise RuntimeError("ray head did not start: "
-                                       f"{Path(self.temp, 'head.log').read_text()[-2000:]}")
-                time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.log.close()
-        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 def preprocess(out: Path) -> Path:
@@ -100,8 +47,7 @@ def preprocess(out: Path) -> Path:
 
     _step("2/5 preprocessing Ray job (ray job submit ... -- vwlmm-preprocess)")
     data = out / "data"
-    head = RayHead()
-    try:
+    with LocalRayHead(_service_env()) as head:
         workdir = Path(tempfile.mkdtemp(prefix="vwlmm-job-"))
         cmd = [str(BIN / "ray"), "job", "submit", "--address", head.dashboard,
                "--working-dir", str(workdir), "--", "vwlmm-preprocess", "--source", "laion",
@@ -113,8 +59,6 @@ def preprocess(out: Path) -> Path:
         shutil.rmtree(workdir, ignore_errors=True)
         if res.returncode != 0:
             raise SystemExit(f"preprocessing job failed (exit {res.returncode})")
-    finally:
-        head.stop()
     manifest = json.loads((data / "manifest.json").read_text())
     print(f"{manifest['num_samples']} samples in {len(manifest['shards'])} shards, "
           f"rejected {manifest['rejected']}")
@@ -126,7 +70,7 @@ def train(out: Path, data: Path, steps: int) -> Path:
     run = out / "run"
     shutil.rmtree(run, ignore_errors=True)  # a demo always starts fresh
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "pipeline.train",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "pipeline.train",
            "--config", str(REPO / "configs/tiny-cpu.yaml"), "--set", f"data.path={data}",
            "--set", f"run_dir={run}", "--set", f"train.train_iters={steps}",
            "--set", "parallel.tp=2"]

@@ -4,69 +4,26 @@ one SeaweedFS S3 store per session (both on 127.0.0.1, free ports, stopped by PI
 from __future__ import annotations
 
 import json
-import os
-import random
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from preprocessing.fixtures import write_demo_dataset
+from preprocessing.local_ray import LocalRayHead, free_port, ray_env, stop_process
 from preprocessing.tokenizer import build_mistral_hf_tokenizer
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_range(n: int) -> int:
-    for _ in range(50):
-        base = random.randint(20000, 40000)
-        try:
-            socks = []
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
-
-
 def service_env() -> dict:
-    env = dict(os.environ)
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
-               PATH=f"{BIN}:{env.get('PATH', '')}", PYTHONPATH=str(REPO))
-    env.pop("RAY_ADDRESS", None)
-    return env
+    return ray_env(pythonpath=str(REPO))
 
 
-def _stop(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """Stop a service we started: its PID first, then its own process group."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+_stop = stop_process
 
 
 @pytest.fixture(scope="session")
@@ -81,38 +38,9 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_head():
-    """`ray start --head --block` on 127.0.0.1; terminating that PID stops all its processes."""
-    temp = tempfile.mkdtemp(prefix="vwr", dir="/tmp")  # short: Ray's unix sockets live here
-    ports = {"gcs": free_port(), "dashboard": free_port()}
-    workers = _port_range(64)
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2",
-           "--dashboard-host=127.0.0.1", "--disable-usage-stats", f"--temp-dir={temp}",
-           f"--port={ports['gcs']}", f"--dashboard-port={ports['dashboard']}",
-           f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
-           f"--object-manager-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-           f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
-           f"--runtime-env-agent-port={free_port()}", f"--min-worker-port={workers}",
-           f"--max-worker-port={workers + 63}", "--object-store-memory=300000000"]
-    log = open(os.path.join(temp, "head.log"), "w")
-    proc = subprocess.Popen(cmd, env=service_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    dashboard = f"http://127.0.0.1:{ports['dashboard']}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{dashboard}/api/version", timeout=2)
-            break
-        except urllib.error.HTTPError:  # answering (token auth may refuse anonymous calls)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                _stop(proc)
-                raise RuntimeError(f"ray head did not start: {Path(temp, 'head.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-    yield {"address": f"127.0.0.1:{ports['gcs']}", "dashboard": dashboard, "env": service_env()}
-    _stop(proc)
-    log.close()
-    shutil.rmtree(temp, ignore_errors=True)
+    """One private Ray head on 127.0.0.1 for the session, stopped by its PID."""
+    with LocalRayHead(service_env(), start_timeout=90) as head:
+        yield {"address": head.address, "dashboard": head.dashboard, "env": head.env}
 
 
 @pytest.fixture(scope="session")
