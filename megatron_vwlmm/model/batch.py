@@ -80,8 +80,6 @@ def collate_samples(
     if images:
         image_tensor = torch.stack(images)
     else:
-        if image_shape is None and samples and samples[0].get("image_shape") is not None:
-            image_shape = tuple(samples[0]["image_shape"])
         image_tensor = torch.zeros((0, *(image_shape or (3, 1, 1))), dtype=torch.float32)
     return VWLMMBatch(
         tokens=torch.from_numpy(np.stack(tokens)),
