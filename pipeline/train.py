@@ -11,7 +11,6 @@ One process per device. The loop per optimizer step:
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import signal
@@ -64,7 +63,6 @@ def build_model_chunks(cfg: TrainConfig, model_cfg) -> List[torch.nn.Module]:
     """One VWLMMModel per virtual stage, on the device, wrapped in megatron DDP."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.enums import ModelType
 
     from megatron_vwlmm.model import build_model
 
@@ -78,7 +76,6 @@ def build_model_chunks(cfg: TrainConfig, model_cfg) -> List[torch.nn.Module]:
             vp_stage=vp_stage,
             transformer_overrides=transformer_overrides(cfg),
         )
-        model.model_type = ModelType.encoder_or_decoder  # read by the schedules (as Megatron-LM)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
@@ -120,16 +117,9 @@ def wire_schedule_config(chunks, optimizer, cfg: TrainConfig) -> None:
 
 def forward_step_func(data_iterator, model):
     """megatron's forward_step_func: the batch is already on the device (None off first/last)."""
-    from megatron_vwlmm.model.forward_step import forward_step, loss_func
+    from megatron_vwlmm.model.forward_step import forward_step
 
-    batch = next(data_iterator) if data_iterator is not None else None
-    if batch is None:  # middle pipeline stage: hidden states come from the previous stage
-        inner = model
-        while hasattr(inner, "module"):
-            inner = inner.module
-        output = model(tokens=None, image_token_mask=None, images=None, labels=None)
-        return output, functools.partial(loss_func, inner.vwlmm_config.lambda_vm)
-    return forward_step(batch, model)
+    return forward_step(next(data_iterator) if data_iterator is not None else None, model)
 
 
 class StepData:
@@ -196,28 +186,20 @@ def train_step(chunks, optimizer, scheduler, fwd_bwd, iters, num_microbatches: i
     return losses, grad_norm
 
 
-def reduce_losses(losses_reduced: List[Dict[str, torch.Tensor]],
-                  lambda_vm: float) -> Dict[str, float]:
-    """Mean over micro-batches, then over DP ranks (only meaningful on the last stage).
-
-    ``total_loss`` is recomputed from the parts: the schedule divides the loss tensor by the
-    number of micro-batches in place, and a detached view of it shares that storage.
-    """
+def reduce_losses(losses_reduced: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+    """Mean over micro-batches, then over DP ranks (only meaningful on the last stage)."""
     from megatron.core import parallel_state as ps
 
     if not losses_reduced:
         return {}
-    keys = sorted(k for k in losses_reduced[0] if k != "total_loss")
+    keys = sorted(losses_reduced[0])
     values = torch.stack([torch.stack([d[k].float() for d in losses_reduced]).mean(0)
                           for k in keys])
     dp_group = ps.get_data_parallel_group(with_context_parallel=True)
     if dist.get_world_size(dp_group) > 1:
         dist.all_reduce(values, group=dp_group)
         values /= dist.get_world_size(dp_group)
-    out = {k: float(v) for k, v in zip(keys, values.cpu())}
-    if "lm_loss" in out and "vm_loss" in out:
-        out["total_loss"] = out["lm_loss"] + lambda_vm * out["vm_loss"]
-    return out
+    return {k: float(v) for k, v in zip(keys, values.cpu())}
 
 
 def _sum_over_dp(value: float) -> int:
@@ -355,7 +337,7 @@ def _train(cfg, model_cfg, shards, s3, dp_size, preempt) -> Dict[str, Any]:
 
         # Per-step accounting: images/tokens summed over DP (first stage knows the batch).
         is_last = ps.is_pipeline_last_stage(ignore_virtual=True)
-        reduced = reduce_losses(losses, model_cfg.lambda_vm) if is_last else {}
+        reduced = reduce_losses(losses) if is_last else {}
         total_images = _sum_over_dp(n_images) if needs_data else 0
         total_lm_tokens = _sum_over_dp(n_lm_tokens) if needs_data else 0
         flops = step_flops(model_cfg, gbs, seq_len, total_images)
@@ -414,7 +396,7 @@ def evaluate(cfg, chunks, data, needs_data, device, num_microbatches, fwd_bwd, s
         c.train()
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return {}
-    return reduce_losses(collected, chunks[0].module.vwlmm_config.lambda_vm)
+    return reduce_losses(collected)
 
 
 # ------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -31,15 +31,22 @@ def loss_func(lambda_vm: float, output_tensor: torch.Tensor) -> tuple[torch.Tens
     }
 
 
-def forward_step(batch: VWLMMBatch, model: Any):
-    """Run ``model`` on ``batch``; returns ``(output_tensor, loss_func)`` for the schedules."""
-    inner = model
-    while hasattr(inner, "module"):
-        inner = inner.module
-    output = model(
-        tokens=batch.tokens,
-        image_token_mask=batch.image_token_mask,
-        images=batch.images,
-        labels=batch.labels,
-    )
-    return output, functools.partial(loss_func, inner.vwlmm_config.lambda_vm)
+def forward_step(batch: Optional[VWLMMBatch], model: Any):
+    """Run ``model`` on ``batch``; returns ``(output_tensor, loss_func)`` for the schedules.
+
+    ``batch`` is None on middle pipeline stages: their input is the previous stage's hidden
+    states, which the schedule has already set on the model.
+    """
+    from megatron.core.utils import get_attr_wrapped_model
+
+    lambda_vm = get_attr_wrapped_model(model, "vwlmm_config").lambda_vm
+    if batch is None:
+        output = model(tokens=None, image_token_mask=None, images=None, labels=None)
+    else:
+        output = model(
+            tokens=batch.tokens,
+            image_token_mask=batch.image_token_mask,
+            images=batch.images,
+            labels=batch.labels,
+        )
+    return output, functools.partial(loss_func, lambda_vm)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from preprocessing.local_ray import free_port
+
 REQUIRED_BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "srun",
                      "sinfo", "runuser")
 
@@ -41,12 +43,6 @@ def missing_prerequisites() -> Optional[str]:
     except KeyError:
         return "no 'munge' system user (the Debian munge package creates it)"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _binary(name: str) -> str:
@@ -159,7 +155,7 @@ class LocalSlurm:
                   f"--socket={munge_dir}/munge.socket", f"--pid-file={munge_dir}/munged.pid",
                   f"--log-file={munge_dir}/munged.log", f"--seed-file={munge_dir}/munged.seed"])
             self.conf.write_text(SLURM_CONF.format(
-                host=host, root=root, ctld_port=_free_port(), slurmd_port=_free_port(),
+                host=host, root=root, ctld_port=free_port(), slurmd_port=free_port(),
                 hardware=_node_hardware()))
             _run([_binary("slurmctld")], env=self.env)
             _run([_binary("slurmd")], env=self.env)

@@ -146,6 +146,9 @@ def test_losses_equal_tp1pp1(layouts, layout, mode):
     assert len(reference) == len(candidate) == 2
     for ref_mb, cand_mb in zip(reference, candidate):
         assert ref_mb["vm_loss"] > 0
+        # The reported total is the micro-batch's own (lambda_vm = 1), not the schedule's
+        # in-place division of it by the number of micro-batches.
+        assert cand_mb["total_loss"] == pytest.approx(cand_mb["lm_loss"] + cand_mb["vm_loss"])
         for key in ("lm_loss", "vm_loss", "total_loss"):
             assert cand_mb[key] == pytest.approx(ref_mb[key], rel=1e-5, abs=1e-7), key
 
