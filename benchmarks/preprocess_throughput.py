@@ -21,15 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "token")
-
-from preprocessing.config import PreprocessConfig  # noqa: E402
-from preprocessing.encode import image_settings  # noqa: E402
-from preprocessing.fixtures import write_demo_dataset  # noqa: E402
-from preprocessing.images import process_image  # noqa: E402
-from preprocessing.templates import IMAGE_TAG, Turn, tokenize  # noqa: E402
-from preprocessing.tokenizer import build_mistral_hf_tokenizer, load_tokenizer  # noqa: E402
+from preprocessing.config import PreprocessConfig
+from preprocessing.encode import image_settings
+from preprocessing.fixtures import write_demo_dataset
+from preprocessing.images import process_image
+from preprocessing.local_ray import private_local_ray
+from preprocessing.templates import IMAGE_TAG, Turn, tokenize
+from preprocessing.tokenizer import build_mistral_hf_tokenizer, load_tokenizer
 
 
 def _tar_samples(tars: list[Path]) -> list[tuple[bytes, str]]:
@@ -88,21 +86,21 @@ def main() -> None:
     print(f"floor: {floor_rate:.1f} samples/s on one core, {floor_cpu:.1f} per CPU-second "
           f"({len(samples)} samples)", flush=True)
 
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    # Warm the two workers (process start, imports, tokenizer) so both runs see the same state.
-    full(PreprocessConfig(**{**base, "samples_per_shard": 4, "inputs": ds.laion_inputs},
-                          output=str(work / "warm"), num_workers=2, overwrite=True))
     rates, cpu_rates = {}, {}
-    load_before = os.getloadavg()[0]
-    for n in (1, 2):
-        out = work / f"out{n}"
-        shutil.rmtree(out, ignore_errors=True)
-        rates[n], cpu_rates[n], count = full(PreprocessConfig(**base, output=str(out), num_workers=n))
-        print(f"full pipeline, {n} worker(s): {rates[n]:.1f} samples/s wall, "
-              f"{cpu_rates[n]:.1f} samples per task CPU-second ({count} samples)", flush=True)
-    ray.shutdown()
+    with private_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False):
+        # Warm the two workers (process start, imports, tokenizer) so both runs see the same
+        # state.
+        full(PreprocessConfig(**{**base, "samples_per_shard": 4, "inputs": ds.laion_inputs},
+                              output=str(work / "warm"), num_workers=2, overwrite=True))
+        load_before = os.getloadavg()[0]
+        for n in (1, 2):
+            out = work / f"out{n}"
+            shutil.rmtree(out, ignore_errors=True)
+            rates[n], cpu_rates[n], count = full(PreprocessConfig(**base, output=str(out),
+                                                                  num_workers=n))
+            print(f"full pipeline, {n} worker(s): {rates[n]:.1f} samples/s wall, "
+                  f"{cpu_rates[n]:.1f} samples per task CPU-second ({count} samples)",
+                  flush=True)
     same = all((work / "out1" / f).read_bytes() == (work / "out2" / f).read_bytes()
                for f in ("manifest.json", "rejects.jsonl"))
     figures = {

@@ -55,7 +55,7 @@ def preprocess(out: Path) -> Path:
                "plain", "--output", str(data), "--format", "both", "--image-size", "32",
                "--patch-size", "8", "--max-seq-len", "64", "--samples-per-shard", "8",
                "--overwrite", "--no-progress"]
-        res = subprocess.run(cmd, env=_service_env(), text=True)
+        res = subprocess.run(cmd, env=head.env, text=True)  # head.env carries its token
         shutil.rmtree(workdir, ignore_errors=True)
         if res.returncode != 0:
             raise SystemExit(f"preprocessing job failed (exit {res.returncode})")

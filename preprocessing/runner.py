@@ -8,6 +8,7 @@ depend only on the inputs and the config, never on the number of workers or on t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from preprocessing import storage
 from preprocessing.config import PreprocessConfig
+from preprocessing.local_ray import private_local_ray
 from preprocessing.schema import (FORMAT_VERSION, IGNORE_INDEX, IMAGE_TOKEN_ID, MANIFEST_NAME,
                                   REJECTS_NAME)
 from preprocessing.sources import laion, llava
@@ -153,14 +155,25 @@ def _remove_stale_temps(output: str) -> None:
             os.unlink(path)
 
 
-def _init_ray(cfg: PreprocessConfig):
+@contextlib.contextmanager
+def _ray_session(cfg: PreprocessConfig):
+    """The Ray this job runs on.
+
+    Joins the cluster of ``--ray-address`` or ``RAY_ADDRESS`` (set by `ray job submit`; its
+    token comes from the caller's environment), reuses a Ray already initialised in this
+    process, or else starts a private single-machine Ray on 127.0.0.1 with its own token
+    (``local_ray.private_local_ray``), stopped when the job ends.
+    """
     import ray
 
-    if not ray.is_initialized():
-        # Under `ray job submit` RAY_ADDRESS is set and this joins that cluster; otherwise it
-        # joins --ray-address or starts a local Ray.
+    if ray.is_initialized():
+        yield ray
+    elif cfg.ray_address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=cfg.ray_address, log_to_driver=True, include_dashboard=False)
-    return ray
+        yield ray
+    else:
+        with private_local_ray(log_to_driver=True, include_dashboard=False):
+            yield ray
 
 
 def _run_bounded(ray, fn, args_list, limit: int, options: dict, on_done=lambda r: r) -> list:
@@ -220,7 +233,12 @@ def run(cfg: PreprocessConfig) -> RunSummary:
     _remove_stale_temps(cfg.output)
     tok_info = tokenizer_identity(cfg.tokenizer)
     files = _inputs(cfg)
-    ray = _init_ray(cfg)
+    with _ray_session(cfg) as ray:
+        return _process(cfg, ray, files, tok_info, t_start)
+
+
+def _process(cfg: PreprocessConfig, ray, files, tok_info, t_start: float) -> RunSummary:
+    """Scan, dedup, plan and process the units on ``ray``; finalize the manifest."""
     workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     cfg_dict = dataclasses.asdict(cfg)
     t0 = time.perf_counter()
