@@ -73,8 +73,14 @@ class DataSection:
 
     path: str = ""  # preprocessing output root (holds manifest.json); local path or s3://
     format: str = "auto"  # auto | arrow | webdataset
+    # Samples per micro-batch; with packing, packed rows per micro-batch.
     micro_batch_size: int = 1
+    # Samples per optimizer step (with or without packing: the step's samples do not depend on
+    # the layout, so the data position and the hyper-parameters keep their meaning).
     global_batch_size: int = 8
+    # Pack whole samples into rows of seq_length (megatron_vwlmm/model/packing.py) instead of
+    # padding each one to seq_length: a step's samples fill as few rows as they can.
+    packing: bool = False
     seed: int = 1234
     num_workers: int = 2
     prefetch_factor: int = 4
@@ -109,6 +115,10 @@ class OptimSection:
     warmup_fraction: Optional[float] = None  # overrides warmup_iters when set
     decay_style: str = "cosine"  # cosine | linear | constant
     decay_iters: Optional[int] = None  # None = train.train_iters
+    # per_micro_batch: mean of micro-batch means (LLaVA); per_token: sums over the whole global
+    # batch divided by its token counts, independent of packing and split
+    # (megatron_vwlmm/model/forward_step.py).
+    loss_normalization: str = "per_micro_batch"
 
 
 @dataclass
@@ -186,6 +196,7 @@ class TrainConfig:
 _CHOICES = {
     "data.format": ("auto", "arrow", "webdataset"),
     "optim.decay_style": ("cosine", "linear", "constant"),
+    "optim.loss_normalization": ("per_micro_batch", "per_token"),
     "precision.fp8": (None, "hybrid", "e4m3"),
     "parallel.recompute_granularity": (None, "full", "selective"),
     "parallel.recompute_method": (None, "uniform", "block"),

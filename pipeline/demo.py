@@ -98,7 +98,7 @@ def report(run: Path) -> Path:
     return ckpt
 
 
-def export_and_caption(out: Path, ckpt: Path) -> None:
+def export_and_caption(out: Path, ckpt: Path) -> tuple[Path, Path, Path]:
     """The trained checkpoint as a stock-transformers model: caption a training image with it
     and draw its visual words (paper Fig. 10)."""
     from PIL import Image
@@ -126,6 +126,7 @@ def export_and_caption(out: Path, ckpt: Path) -> None:
     print(f"HF model:     {hf_dir} (loads with transformers' LlavaForConditionalGeneration)")
     print(f"caption of {image_path.name}: {caption.strip()!r}")
     print(f"visual words: {words_png} (table: {words_txt})")
+    return hf_dir, Path(words_png), Path(words_txt)
 
 
 def main(argv=None) -> None:
@@ -144,8 +145,14 @@ def main(argv=None) -> None:
     data = preprocess(out)
     run = train(out, data, args.steps)
     ckpt = report(run)
-    export_and_caption(out, ckpt)
-    print(f"demo finished in {time.time() - t0:.0f} s; everything is under {out}")
+    hf_dir, words_png, words_txt = export_and_caption(out, ckpt)
+    print(f"\ndemo finished in {time.time() - t0:.0f} s; outputs:")
+    for what, path in (("tokenized dataset (manifest.json, arrow/, webdataset/)", data),
+                       ("training run (metrics.jsonl, tensorboard/)", run),
+                       ("loss curves", run / "loss.png"), ("megatron checkpoint", ckpt),
+                       ("Hugging Face llava-hf model", hf_dir),
+                       ("visual-word map", words_png), ("visual-word table", words_txt)):
+        print(f"  {what:<56} {path}")
 
 
 if __name__ == "__main__":

@@ -6,20 +6,32 @@ that still back-propagates to an earlier trainable one (the LLM in stage 1 feeds
 gradient) costs forward + 1x backward; the frozen vision encoder costs its forward only. The
 duplicate encoder/adapter the last pipeline stage runs for the VM target is implementation
 overhead and is *not* counted (MFU measures useful model work).
+
+Useful work only: the decoder is counted over the positions samples occupy (never padding), and
+attention over each sample's own square (sum of squared sample lengths), which is what a packed
+row computes per document and what an unpacked row would compute without its padding. The same
+samples therefore have the same FLOPs padded or packed, and MFU compares the two honestly.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 
-def decoder_forward_flops(cfg: Any, tokens_per_seq: int) -> float:
-    """Forward FLOPs of the LLM (attention, SwiGLU MLP, LM head) for one sequence."""
+def decoder_forward_flops(cfg: Any, num_positions: int,
+                          attention_square: Optional[int] = None) -> float:
+    """Forward FLOPs of the LLM (attention, SwiGLU MLP, LM head) over ``num_positions``.
+
+    ``attention_square``: sum over sequences of length^2 (None: one sequence of
+    ``num_positions``). QK^T and AV are counted over each full (causally masked) square, as
+    megatron counts them.
+    """
     d = cfg.decoder
-    h, t = d.hidden_size, tokens_per_seq
+    h, t = d.hidden_size, num_positions
+    square = t * t if attention_square is None else attention_square
     kv = h * d.num_query_groups // d.num_attention_heads
     per_token_layer = 2 * h * (h + 2 * kv) + 2 * h * h + 2 * 3 * h * d.ffn_hidden_size
-    attention = 2 * 2 * t * t * h  # QK^T and AV over the full (masked) square, as megatron
+    attention = 2 * 2 * square * h
     lm_head = 2 * t * h * d.vocab_size
     return d.num_layers * (per_token_layer * t + attention) + lm_head
 
@@ -49,9 +61,10 @@ def _mult(trained: bool, backprop_through: bool = True) -> int:
     return 3 if trained else (2 if backprop_through else 1)
 
 
-def step_flops(cfg: Any, num_sequences: int, tokens_per_seq: int, num_images: int) -> float:
-    """Model FLOPs of one optimizer step over ``num_sequences`` (whole global batch)."""
-    decoder = decoder_forward_flops(cfg, tokens_per_seq) * num_sequences
+def step_flops(cfg: Any, num_positions: int, attention_square: int, num_images: int) -> float:
+    """Model FLOPs of one optimizer step: the whole global batch's samples occupy
+    ``num_positions`` positions, ``attention_square`` = sum of their squared lengths."""
+    decoder = decoder_forward_flops(cfg, num_positions, attention_square)
     decoder *= _mult(not cfg.freeze_decoder, backprop_through=not cfg.freeze_adapter)
     vision = vision_forward_flops(cfg) * num_images * _mult(not cfg.freeze_vision, False)
     adapter = adapter_forward_flops(cfg) * num_images * _mult(not cfg.freeze_adapter, False)

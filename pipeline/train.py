@@ -11,16 +11,19 @@ One process per device. The loop per optimizer step:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
 import torch.distributed as dist
 
+from megatron_vwlmm.model.forward_step import TokenTotals
 from pipeline.config import ConfigError, TrainConfig, describe_fields, load_config
 from pipeline.validate import (check_fp8_available, check_init_from, check_layout, check_manifest,
                                check_model)
@@ -51,6 +54,10 @@ def transformer_overrides(cfg: TrainConfig) -> Dict[str, Any]:
             out["recompute_num_layers"] = p.recompute_num_layers or 1
     if cfg.precision.fp8:
         out["fp8_recipe"] = cfg.precision.fp8_recipe
+    if cfg.optim.loss_normalization == "per_token":
+        # megatron then leaves the loss unaveraged (schedules) and the gradients unscaled by DP
+        # (DDP): the per-token loss is normalised by the global batch's totals instead.
+        out["calculate_per_token_loss"] = True
     return out
 
 
@@ -115,33 +122,111 @@ def wire_schedule_config(chunks, optimizer, cfg: TrainConfig) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def forward_step_func(data_iterator, model):
-    """megatron's forward_step_func: the batch is already on the device (None off first/last)."""
+def forward_step_func(data_iterator, model, token_totals=None):
+    """megatron's forward_step_func: the batch is already on the device (None, or only the
+    packing layout, off the first and last stages)."""
     from megatron_vwlmm.model.forward_step import forward_step
 
-    return forward_step(next(data_iterator) if data_iterator is not None else None, model)
+    return forward_step(next(data_iterator) if data_iterator is not None else None, model,
+                        token_totals)
+
+
+@dataclass
+class Step:
+    """One optimizer step's micro-batches on this rank.
+
+    ``batches``: VWLMMBatch on the stages that read data; on middle pipeline stages None per
+    micro-batch, or the PackedSequence of each packed micro-batch. ``counts``: what the batches
+    hold (zeros off the data stages), summed over DP by ``StepData.global_counts``.
+    """
+
+    batches: list
+    keys: list
+    counts: Dict[str, int]
+
+    @property
+    def num_microbatches(self) -> int:
+        return len(self.batches)
+
+    def iterators(self, num_chunks: int) -> list:
+        return [iter(self.batches) for _ in range(num_chunks)]
+
+
+_COUNT_KEYS = ("samples", "images", "lm_tokens", "vm_positions", "useful_positions",
+               "computed_positions", "attention_square")
+
+
+def _batch_counts(batches) -> Dict[str, int]:
+    counts = dict.fromkeys(_COUNT_KEYS, 0)
+    for b in batches:
+        lengths = b.sample_lengths
+        counts["samples"] += b.num_samples
+        counts["images"] += b.num_images
+        counts["lm_tokens"] += b.num_lm_tokens
+        counts["vm_positions"] += b.num_vm_positions
+        counts["useful_positions"] += int(lengths.sum())
+        counts["computed_positions"] += b.num_positions
+        counts["attention_square"] += int((lengths * lengths).sum())
+    return counts
 
 
 class StepData:
-    """Pulls a step's micro-batches off the loader and fans them out to the model chunks."""
+    """Pulls a step's micro-batches off the loader and fans them out to the model chunks.
+
+    Unpacked, a step is ``num_microbatches`` loader items; packed, one loader item holds the
+    whole step (its micro-batch count depends on the data). Stages that read no data (the
+    middle of a pipeline) learn a packed step's layout from the first stage.
+    """
 
     def __init__(self, loader_iter, needs_data: bool, device: torch.device,
-                 num_chunks: int) -> None:
+                 packing: bool) -> None:
         self.loader_iter, self.needs_data = loader_iter, needs_data
-        self.device, self.num_chunks = device, num_chunks
+        self.device, self.packing = device, packing
 
-    def next_step(self, num_microbatches: int):
-        """(per-chunk iterators, keys, num_images, num_lm_tokens) of one step."""
-        if not self.needs_data:
-            return [iter([None] * num_microbatches)] * self.num_chunks, [], 0, 0
+    def next_step(self, num_microbatches: int) -> Step:
         batches, keys = [], []
-        for _ in range(num_microbatches):
-            batch, batch_keys = next(self.loader_iter)
-            batches.append(batch.to(self.device))
-            keys.extend(batch_keys)
-        images = sum(b.num_images for b in batches)
-        lm_tokens = sum(b.num_lm_tokens for b in batches)
-        return [iter(batches) for _ in range(self.num_chunks)], keys, images, lm_tokens
+        if self.needs_data and self.packing:
+            batches, keys = next(self.loader_iter)
+        elif self.needs_data:
+            for _ in range(num_microbatches):
+                batch, batch_keys = next(self.loader_iter)
+                batches.append(batch)
+                keys.extend(batch_keys)
+        counts = _batch_counts(batches) if self.needs_data else dict.fromkeys(_COUNT_KEYS, 0)
+        batches = [b.to(self.device) for b in batches]
+        if self.packing:
+            batches = _share_packing_with_middle_stages(batches, self.needs_data, self.device)
+        elif not self.needs_data:
+            batches = [None] * num_microbatches
+        return Step(batches, keys, counts)
+
+    def global_counts(self, step: Step) -> Dict[str, int]:
+        """The step's counts summed over data-parallel ranks (zeros off the data stages)."""
+        if not self.needs_data:
+            return dict(step.counts)
+        from megatron.core import parallel_state as ps
+
+        t = torch.tensor([float(step.counts[k]) for k in _COUNT_KEYS], dtype=torch.float64)
+        if torch.cuda.is_available():
+            t = t.cuda()
+        dist.all_reduce(t, group=ps.get_data_parallel_group(with_context_parallel=True))
+        return {k: int(v) for k, v in zip(_COUNT_KEYS, t.tolist())}
+
+
+def _share_packing_with_middle_stages(batches: list, needs_data: bool, device) -> list:
+    """Middle pipeline stages get each packed micro-batch's PackedSequence from the first stage
+    (their attention needs the document boundaries; they read no data)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() <= 2:
+        return batches  # every stage is a first or a last one: all read the data
+    payload = [[b.packing.to("cpu") for b in batches] if ps.is_pipeline_first_stage(
+        ignore_virtual=True) else None]
+    dist.broadcast_object_list(payload, src=ps.get_pipeline_model_parallel_first_rank(),
+                               group=ps.get_pipeline_model_parallel_group())
+    if needs_data:
+        return batches
+    return [packing.to(device) for packing in payload[0]]
 
 
 def build_rank_data(cfg: TrainConfig, model_cfg, shards, s3, dp_size: int):
@@ -151,7 +236,7 @@ def build_rank_data(cfg: TrainConfig, model_cfg, shards, s3, dp_size: int):
     from pipeline.data.loader import LoaderSpec, RankData
 
     spec = LoaderSpec(
-        shards=tuple(shards), format=shards[0].format,
+        shards=tuple(shards), format=shards[0].format, packing=cfg.data.packing,
         micro_batch_size=cfg.data.micro_batch_size, global_batch_size=cfg.data.global_batch_size,
         dp_size=dp_size, dp_rank=ps.get_data_parallel_rank(with_context_parallel=True),
         seed=cfg.data.seed, seq_length=model_cfg.decoder.seq_length,
@@ -163,9 +248,17 @@ def build_rank_data(cfg: TrainConfig, model_cfg, shards, s3, dp_size: int):
     return spec, (RankData(spec) if needs_data else None)
 
 
-def train_step(chunks, optimizer, scheduler, fwd_bwd, iters, num_microbatches: int,
-               micro_batch_size: int, seq_length: int, iteration: int):
-    """One optimizer step over ``num_microbatches``; returns (per-micro-batch losses, grad norm).
+def schedule_shape(cfg: TrainConfig, seq_length: int) -> tuple[int, int]:
+    """(seq_length, micro_batch_size) of the activations pipeline stages exchange: a packed
+    micro-batch is one sequence of all its rows."""
+    mbs = cfg.data.micro_batch_size
+    return (mbs * seq_length, 1) if cfg.data.packing else (seq_length, mbs)
+
+
+def train_step(chunks, optimizer, scheduler, fwd_bwd, step: Step, shape: tuple[int, int],
+               iteration: int, token_totals=None):
+    """One optimizer step over the step's micro-batches; returns (per-micro-batch losses, grad
+    norm).
 
     Gradients accumulate in megatron's grad buffers across the micro-batches; the schedule
     calls ``finalize_model_grads`` (DP reduce + stage-replica all-reduce) before the step.
@@ -173,11 +266,13 @@ def train_step(chunks, optimizer, scheduler, fwd_bwd, iters, num_microbatches: i
     for c in chunks:
         c.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = fwd_bwd(forward_step_func=forward_step_func,
+    iters = step.iterators(len(chunks))
+    losses = fwd_bwd(forward_step_func=functools.partial(forward_step_func,
+                                                         token_totals=token_totals),
                      data_iterator=iters if len(chunks) > 1 else iters[0],
                      model=chunks if len(chunks) > 1 else chunks[0],
-                     num_microbatches=num_microbatches, seq_length=seq_length,
-                     micro_batch_size=micro_batch_size, forward_only=False)
+                     num_microbatches=step.num_microbatches, seq_length=shape[0],
+                     micro_batch_size=shape[1], forward_only=False)
     ok, grad_norm, _ = optimizer.step()
     if not ok:
         raise FloatingPointError(f"iteration {iteration}: optimizer step skipped "
@@ -186,30 +281,33 @@ def train_step(chunks, optimizer, scheduler, fwd_bwd, iters, num_microbatches: i
     return losses, grad_norm
 
 
-def reduce_losses(losses_reduced: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
-    """Mean over micro-batches, then over DP ranks (only meaningful on the last stage)."""
+def reduce_losses(losses_reduced: List[Dict[str, torch.Tensor]], lambda_vm: float,
+                  token_weighted: bool) -> Dict[str, float]:
+    """The step's losses over its micro-batches and DP ranks (only meaningful on the last
+    stage): token-weighted (sums over counts: per-token training and every validation), or the
+    mean of micro-batch means (per-micro-batch training, what that mode optimises)."""
     from megatron.core import parallel_state as ps
 
     if not losses_reduced:
         return {}
-    keys = sorted(losses_reduced[0])
+    dp_group = ps.get_data_parallel_group(with_context_parallel=True)
+    dp = dist.get_world_size(dp_group)
+    if token_weighted:
+        keys = ("lm_sum", "lm_count", "vm_sum", "vm_count")
+        values = torch.stack([torch.stack([d[k].float() for d in losses_reduced]).sum(0)
+                              for k in keys]).double()
+        if dp > 1:
+            dist.all_reduce(values, group=dp_group)
+        lm_sum, lm_count, vm_sum, vm_count = values.cpu().tolist()
+        lm, vm = lm_sum / max(lm_count, 1), vm_sum / max(vm_count, 1)
+        return {"lm_loss": lm, "vm_loss": vm, "total_loss": lm + lambda_vm * vm}
+    keys = ("lm_loss", "total_loss", "vm_loss")
     values = torch.stack([torch.stack([d[k].float() for d in losses_reduced]).mean(0)
                           for k in keys])
-    dp_group = ps.get_data_parallel_group(with_context_parallel=True)
-    if dist.get_world_size(dp_group) > 1:
+    if dp > 1:
         dist.all_reduce(values, group=dp_group)
-        values /= dist.get_world_size(dp_group)
+        values /= dp
     return {k: float(v) for k, v in zip(keys, values.cpu())}
-
-
-def _sum_over_dp(value: float) -> int:
-    from megatron.core import parallel_state as ps
-
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    if torch.cuda.is_available():
-        t = t.cuda()
-    dist.all_reduce(t, group=ps.get_data_parallel_group(with_context_parallel=True))
-    return int(t.item())
 
 
 # ------------------------------------------------------------------------------------------
@@ -300,14 +398,16 @@ def _train(cfg, model_cfg, shards, s3, dp_size, preempt) -> Dict[str, Any]:
 
     # --- data --------------------------------------------------------------------------------
     mbs, gbs = cfg.data.micro_batch_size, cfg.data.global_batch_size
-    num_microbatches = gbs // (mbs * dp_size)
+    num_microbatches = gbs // (mbs * dp_size)  # unpacked; packed steps carry their own count
     spec, data = build_rank_data(cfg, model_cfg, shards, s3, dp_size)
     needs_data = data is not None
     train_data = StepData(data.train_iterator(state.consumed_samples) if data else None,
-                          needs_data, device, len(chunks))
+                          needs_data, device, cfg.data.packing)
 
     fwd_bwd = get_forward_backward_func()
-    seq_len = model_cfg.decoder.seq_length
+    shape = schedule_shape(cfg, model_cfg.decoder.seq_length)
+    per_token = cfg.optim.loss_normalization == "per_token"
+    lambda_vm = model_cfg.lambda_vm
     is_logger = rank == world - 1  # last PP stage, last TP/DP rank
     metrics = MetricsLogger(run_dir, is_logger, cfg.logging.tensorboard,
                             cfg.logging.log_interval, world, cfg.logging.peak_tflops_per_device)
@@ -323,34 +423,41 @@ def _train(cfg, model_cfg, shards, s3, dp_size, preempt) -> Dict[str, Any]:
     last: Dict[str, Any] = {}
     stop_reason = "finished"
     _log(f"training iterations {state.iteration + 1}..{cfg.train.train_iters}, "
-         f"{num_microbatches} micro-batches of {mbs} per rank per step")
+         + (f"{gbs // dp_size} samples per rank per step packed into micro-batches of {mbs} "
+            f"row(s) of {model_cfg.decoder.seq_length}" if cfg.data.packing else
+            f"{num_microbatches} micro-batches of {mbs} per rank per step")
+         + f", loss normalisation {cfg.optim.loss_normalization}")
     while state.iteration < cfg.train.train_iters:
         metrics.start_step()
-        iters, keys, n_images, n_lm_tokens = train_data.next_step(num_microbatches)
-        losses, grad_norm = train_step(chunks, optimizer, scheduler, fwd_bwd, iters,
-                                       num_microbatches, mbs, seq_len, state.iteration + 1)
+        step = train_data.next_step(num_microbatches)
+        counts = train_data.global_counts(step)
+        totals = TokenTotals(counts["lm_tokens"], counts["vm_positions"]) \
+            if per_token and needs_data else None
+        losses, grad_norm = train_step(chunks, optimizer, scheduler, fwd_bwd, step, shape,
+                                       state.iteration + 1, totals)
         state.iteration += 1
         state.consumed_samples += gbs
         if keys_file is not None:
-            keys_file.write(json.dumps({"iteration": state.iteration, "keys": keys}) + "\n")
+            keys_file.write(json.dumps({"iteration": state.iteration, "keys": step.keys}) + "\n")
             keys_file.flush()
 
-        # Per-step accounting: images/tokens summed over DP (first stage knows the batch).
         is_last = ps.is_pipeline_last_stage(ignore_virtual=True)
-        reduced = reduce_losses(losses) if is_last else {}
-        total_images = _sum_over_dp(n_images) if needs_data else 0
-        total_lm_tokens = _sum_over_dp(n_lm_tokens) if needs_data else 0
-        flops = step_flops(model_cfg, gbs, seq_len, total_images)
+        reduced = reduce_losses(losses, lambda_vm, per_token) if is_last else {}
+        flops = step_flops(model_cfg, counts["useful_positions"], counts["attention_square"],
+                           counts["images"])
         lr = next(g["lr"] for g in optimizer.param_groups)
-        last = metrics.log_step(state.iteration, reduced, grad_norm, lr, gbs, gbs * seq_len,
-                                flops, peak_memory_gib(),
-                                extra={"supervised_tokens": total_lm_tokens,
+        padding = 1 - counts["useful_positions"] / max(counts["computed_positions"], 1)
+        last = metrics.log_step(state.iteration, reduced, grad_norm, lr, gbs,
+                                counts["useful_positions"], flops, peak_memory_gib(),
+                                extra={"supervised_tokens": counts["lm_tokens"],
+                                       "padding_fraction": padding,
+                                       "micro_batches": step.num_microbatches,
                                        "consumed_samples": state.consumed_samples})
 
         if cfg.train.eval_interval and state.iteration % cfg.train.eval_interval == 0 and \
                 cfg.data.valid_fraction > 0:
             valid = evaluate(cfg, chunks, data, needs_data, device, num_microbatches, fwd_bwd,
-                             seq_len)
+                             shape, lambda_vm)
             metrics.log_eval(state.iteration, valid)
 
         preempted = preempt.any_rank_received() if cfg.checkpoint.save_on_signal else False
@@ -375,28 +482,32 @@ def _train(cfg, model_cfg, shards, s3, dp_size, preempt) -> Dict[str, Any]:
     return {"state": state, "last": last, "stop_reason": stop_reason}
 
 
-def evaluate(cfg, chunks, data, needs_data, device, num_microbatches, fwd_bwd, seq_len):
-    """Forward-only pass over ``eval_iters`` global batches of the validation split."""
+def evaluate(cfg, chunks, data, needs_data, device, num_microbatches, fwd_bwd, shape,
+             lambda_vm):
+    """Forward-only pass over ``eval_iters`` global batches of the validation split; losses
+    are token-weighted over all of it (independent of packing and normalisation)."""
     from megatron.core import parallel_state as ps
 
-    loader = StepData(data.valid_iterator() if data else None, needs_data, device, len(chunks))
+    loader = StepData(data.valid_iterator() if data else None, needs_data, device,
+                      cfg.data.packing)
     for c in chunks:
         c.eval()
     collected: List[Dict[str, torch.Tensor]] = []
     with torch.no_grad():
         for _ in range(cfg.train.eval_iters):
-            iters, _, _, _ = loader.next_step(num_microbatches)
+            step = loader.next_step(num_microbatches)
+            iters = step.iterators(len(chunks))
             out = fwd_bwd(forward_step_func=forward_step_func,
                           data_iterator=iters if len(chunks) > 1 else iters[0],
                           model=chunks if len(chunks) > 1 else chunks[0],
-                          num_microbatches=num_microbatches, seq_length=seq_len,
-                          micro_batch_size=cfg.data.micro_batch_size, forward_only=True)
+                          num_microbatches=step.num_microbatches, seq_length=shape[0],
+                          micro_batch_size=shape[1], forward_only=True)
             collected.extend(out or [])
     for c in chunks:
         c.train()
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return {}
-    return reduce_losses(collected)
+    return reduce_losses(collected, lambda_vm, token_weighted=True)
 
 
 # ------------------------------------------------------------------------------------------

@@ -20,6 +20,13 @@ def check_layout(cfg: TrainConfig, world_size: int) -> int:
                           f"{world_size} (WORLD_SIZE from torchrun/srun)")
     dp = world_size // (tp * pp)
     mbs, gbs = cfg.data.micro_batch_size, cfg.data.global_batch_size
+    if cfg.data.packing:
+        # Packed, a rank's share of the step's samples fills however many micro-batches it
+        # needs; only the samples must split evenly over DP.
+        if gbs % dp != 0:
+            raise ConfigError(f"data.global_batch_size={gbs}: must be divisible by DP = {dp} "
+                              "(data.packing=true: it counts samples, split over DP ranks)")
+        return dp
     if gbs % (mbs * dp) != 0:
         raise ConfigError(f"data.global_batch_size={gbs}: must be divisible by "
                           f"data.micro_batch_size x DP = {mbs} x {dp} = {mbs * dp}")
@@ -44,6 +51,10 @@ def check_model(model_cfg: Any, cfg: TrainConfig) -> None:
     The model's ValueError already names the model field; it is re-raised as ConfigError with
     the trainer field that selected the layout.
     """
+    if cfg.data.packing and getattr(model_cfg, "attention_backend", "auto") == "unfused":
+        raise ConfigError("data.packing=true: needs attention that keeps packed samples apart "
+                          "(model.overrides.attention_backend 'auto' or 'sdpa'); megatron's "
+                          "unfused attention has no packed-sequence path")
     try:
         model_cfg.validate(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp)
     except ValueError as exc:

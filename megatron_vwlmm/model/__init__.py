@@ -1,6 +1,6 @@
 """The VW-LMM model on megatron-core: config, layer specs, splicing, model, schedule glue."""
 
-from megatron_vwlmm.model.batch import VWLMMBatch, collate_samples
+from megatron_vwlmm.model.batch import VWLMMBatch, collate_packed, collate_samples
 from megatron_vwlmm.model.config import (
     IGNORE_INDEX,
     IMAGE_TOKEN_ID,
@@ -10,9 +10,10 @@ from megatron_vwlmm.model.config import (
     get_preset,
     replace,
 )
+from megatron_vwlmm.model.packing import PackedSequence
 from megatron_vwlmm.model.vwlmm_model import VWLMMModel, build_model
 
 __all__ = [
-    "VWLMMBatch", "collate_samples", "IGNORE_INDEX", "IMAGE_TOKEN_ID", "DecoderConfig",
+    "VWLMMBatch", "collate_samples", "collate_packed", "PackedSequence", "IGNORE_INDEX", "IMAGE_TOKEN_ID", "DecoderConfig",
     "VisionConfig", "VWLMMConfig", "get_preset", "replace", "VWLMMModel", "build_model",
 ]

@@ -20,6 +20,9 @@ IGNORE_INDEX = -100
 
 _VM_TARGET_GRAD = ("full", "detach")
 _TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+# Core attention (``model/specs.py``): auto = TE's with the TE layers, else torch SDPA
+# (``model/attention.py``); unfused = megatron's DotProductAttention, kept for comparison.
+ATTENTION_BACKENDS = ("auto", "sdpa", "unfused")
 _FP8_FORMATS = (None, "hybrid", "e4m3")
 
 
@@ -103,6 +106,7 @@ class VWLMMConfig:
     freeze_vm_head: bool = False
     image_token_id: int = IMAGE_TOKEN_ID
     transformer_impl: str = "auto"
+    attention_backend: str = "auto"
     fp8: Optional[str] = None
     bf16: bool = False
     # Positions per chunk of the visual-word KL; None: sized from the vocab shard (bounded memory).
@@ -114,6 +118,8 @@ class VWLMMConfig:
                  f"{self.vm_target_grad!r} is not one of {_VM_TARGET_GRAD}")
         _require(self.transformer_impl in _TRANSFORMER_IMPLS, "transformer_impl",
                  f"{self.transformer_impl!r} is not one of {_TRANSFORMER_IMPLS}")
+        _require(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
+                 f"{self.attention_backend!r} is not one of {ATTENTION_BACKENDS}")
         _require(self.fp8 in _FP8_FORMATS, "fp8", f"{self.fp8!r} is not one of {_FP8_FORMATS}")
         _require(self.lambda_vm >= 0, "lambda_vm", "must be >= 0")
         _require(self.image_token_id < 0, "image_token_id",

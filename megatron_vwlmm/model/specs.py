@@ -2,10 +2,16 @@
 
 Transformer Engine is chosen when it imports (GPU hosts; required for FP8); megatron-core's
 local modules otherwise (CPU CI). Model code never names a layer class: it builds from these.
+The core attention is a second, independent choice (``VWLMMConfig.attention_backend``): TE's
+fused attention with the TE layers, torch SDPA (``model/attention.py``) with the local ones,
+or megatron's unfused ``DotProductAttention`` in either, for comparison. SDPA and the unfused
+attention have no parameters or extra state, so switching between them never changes checkpoint
+keys (TE's attention adds an ``_extra_state`` entry of its own).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -18,7 +24,8 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
-from megatron_vwlmm.model.config import VWLMMConfig
+from megatron_vwlmm.model.attention import SDPAttention
+from megatron_vwlmm.model.config import ATTENTION_BACKENDS, VWLMMConfig
 
 
 def transformer_engine_available() -> bool:
@@ -43,15 +50,42 @@ def resolve_impl(config: VWLMMConfig) -> str:
     return config.transformer_impl
 
 
-def decoder_layer_spec(impl: str) -> ModuleSpec:
+def core_attention(impl: str, attention_backend: str = "auto"):
+    """The ``core_attention`` class for layers of ``impl`` under ``attention_backend`` ('auto',
+    'sdpa', 'unfused'); None keeps the layer spec's own (TE's with 'auto' and the TE layers)."""
+    if attention_backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend: {attention_backend!r} is not one of "
+                         f"{ATTENTION_BACKENDS}")
+    if attention_backend == "unfused":
+        return DotProductAttention
+    if attention_backend == "sdpa" or impl != "transformer_engine":
+        return SDPAttention
+    return None
+
+
+def with_core_attention(layer_spec: ModuleSpec, core_attention_cls) -> ModuleSpec:
+    """A copy of a ``TransformerLayer`` spec whose self-attention uses ``core_attention_cls``
+    (megatron's ``Attention`` calls it with ``DotProductAttention``'s arguments)."""
+    if core_attention_cls is None:
+        return layer_spec
+    attention = layer_spec.submodules.self_attention
+    attention = dataclasses.replace(attention, submodules=dataclasses.replace(
+        attention.submodules, core_attention=core_attention_cls))
+    return dataclasses.replace(layer_spec, submodules=dataclasses.replace(
+        layer_spec.submodules, self_attention=attention))
+
+
+def decoder_layer_spec(impl: str, attention_backend: str = "auto") -> ModuleSpec:
     from megatron.core.models.gpt import gpt_layer_specs
 
     if impl == "transformer_engine":
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    return with_core_attention(spec, core_attention(impl, attention_backend))
 
 
-def vision_layer_spec(impl: str) -> ModuleSpec:
+def vision_layer_spec(impl: str, attention_backend: str = "auto") -> ModuleSpec:
     """CLIP ViT layer: bidirectional attention (no mask).
 
     megatron-core's own local ViT spec asks for a causal mask, which is wrong for CLIP, so the
@@ -61,7 +95,8 @@ def vision_layer_spec(impl: str) -> ModuleSpec:
             get_vit_layer_with_transformer_engine_spec,
         )
 
-        return get_vit_layer_with_transformer_engine_spec()
+        spec = get_vit_layer_with_transformer_engine_spec()
+        return with_core_attention(spec, core_attention(impl, attention_backend))
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -71,7 +106,7 @@ def vision_layer_spec(impl: str) -> ModuleSpec:
                 params={"attn_mask_type": AttnMaskType.no_mask},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=DotProductAttention,
+                    core_attention=core_attention(impl, attention_backend),
                     linear_proj=RowParallelLinear,
                 ),
             ),

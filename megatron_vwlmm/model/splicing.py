@@ -10,7 +10,7 @@ rows.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -63,13 +63,19 @@ def scatter_image_features(
     return spliced.transpose(0, 1).contiguous()
 
 
-def visual_word_positions(image_token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target positions of the visual-word KL: image positions t >= 1, batch-major.
+def visual_word_positions(
+    image_token_mask: torch.Tensor, sample_positions: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target positions of the visual-word KL: image positions t with a predecessor t - 1 in
+    their own sample, batch-major.
 
+    ``sample_positions`` [B, T]: each position's offset inside its sample (packed rows hold
+    several samples; ``packing.document_positions``); None means one sample per row, offset = t.
     Returns ``keep``, a bool mask over the batch's image positions (batch-major order, the
-    order of the VM logits rows) selecting those with t >= 1, and ``(batch_index, t - 1)``: the
+    order of the VM logits rows) selecting those targets, and ``(batch_index, t - 1)``: the
     rows whose next-token distribution is compared with the visual word at t.
     """
     batch_index, position = image_token_mask.nonzero(as_tuple=True)
-    keep = position >= 1
+    offset = position if sample_positions is None else sample_positions[batch_index, position]
+    keep = offset >= 1
     return keep, (batch_index[keep], position[keep] - 1)

@@ -35,6 +35,7 @@ from megatron_vwlmm.model.config import (
     decoder_transformer_config,
     vision_transformer_config,
 )
+from megatron_vwlmm.model.packing import PackedSequence, document_positions, next_token_targets
 from megatron_vwlmm.model.pseudo_image_features import pseudo_image_features
 from megatron_vwlmm.model.specs import (
     decoder_layer_spec,
@@ -81,7 +82,7 @@ class VWLMMModel(MegatronModule):
 
         self.language_model = GPTModel(
             config=decoder_config,
-            transformer_layer_spec=decoder_layer_spec(impl),
+            transformer_layer_spec=decoder_layer_spec(impl, config.attention_backend),
             vocab_size=d.vocab_size,
             max_sequence_length=d.seq_length,
             pre_process=pre_process,
@@ -98,7 +99,7 @@ class VWLMMModel(MegatronModule):
         if self.needs_image_features:
             self.vision_model = CLIPViTModel(
                 vision_transformer_config(config, transformer_overrides),
-                vision_layer_spec(impl),
+                vision_layer_spec(impl, config.attention_backend),
                 ln_pre_impl=vision_norm_impl(impl),
                 add_class_token=True,
                 class_token_len=1,
@@ -208,10 +209,14 @@ class VWLMMModel(MegatronModule):
         image_token_mask: torch.Tensor,
         images: torch.Tensor,
         labels: Optional[torch.Tensor] = None,
+        packing: Optional[PackedSequence] = None,
     ) -> torch.Tensor:
         """Pre/middle stages return the hidden states for the next stage. The last stage returns
         ``[lm_loss_sum, lm_count, vm_loss_sum, vm_count]`` when ``labels`` is given (see
-        ``forward_step.loss_func``), else the MM logits [B, T, V/tp]."""
+        ``forward_step.loss_func``), else the MM logits [B, T, V/tp].
+
+        ``packing`` (every stage, middle ones included): the document boundaries of a packed
+        micro-batch (B = 1); attention, RoPE, targets and the KL then stay within documents."""
         has_images = self.needs_image_features and images is not None and images.shape[0] > 0
         features = self.image_features(images) if has_images else None
         vm_logits = (
@@ -231,38 +236,50 @@ class VWLMMModel(MegatronModule):
                 decoder_input = scatter_image_features(decoder_input, image_token_mask, spliced)
 
         output = self.language_model(
-            input_ids=None, position_ids=None, attention_mask=None, decoder_input=decoder_input
+            input_ids=None, position_ids=None, attention_mask=None, decoder_input=decoder_input,
+            packed_seq_params=packing.packed_seq_params() if packing is not None else None,
         )
         if not self.post_process or labels is None:
             return output
-        return self._loss_statistics(output, labels, image_token_mask, vm_logits)
+        return self._loss_statistics(output, labels, image_token_mask, vm_logits, packing)
 
-    def _loss_statistics(self, logits, labels, image_token_mask, vm_logits) -> torch.Tensor:
+    def _loss_statistics(self, logits, labels, image_token_mask, vm_logits,
+                         packing: Optional[PackedSequence] = None) -> torch.Tensor:
         """Sums and counts of both losses on this micro-batch (vocab-parallel, no gather)."""
-        zero = logits.new_zeros((), dtype=torch.float32)
-        vm_sum, vm_count = zero, zero
+        lm_loss, supervised, vm_loss, vm_positions = self._position_losses(
+            logits, labels, image_token_mask, vm_logits, packing)
+        return torch.stack([lm_loss.sum(), supervised.sum().float(), vm_loss.sum(),
+                            vm_positions.sum().float()])
+
+    def _position_losses(self, logits, labels, image_token_mask, vm_logits,
+                         packing: Optional[PackedSequence] = None):
+        """Both losses laid out per position: ``(lm_loss, supervised, vm_loss, vm_positions)``,
+        each [B, T] (fp32 losses, bool masks). ``lm_loss`` at t is the CE of predicting the
+        target of t; ``vm_loss`` at an image position t is KL(visual word at t || next-token
+        distribution at t - 1), zero where there is none."""
+        cu_seqlens = packing.cu_seqlens if packing is not None else None
+        vm_loss = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
+        vm_positions = torch.zeros(labels.shape, dtype=torch.bool, device=logits.device)
         if vm_logits is not None:
-            keep, (batch_index, prev_position) = visual_word_positions(image_token_mask)
+            positions = document_positions(cu_seqlens)[None] if packing is not None else None
+            keep, (batch_index, prev_position) = visual_word_positions(image_token_mask,
+                                                                       positions)
             # Gather the prediction rows before the CE below subtracts maxima in place.
             mm_rows = logits[batch_index, prev_position]
             target_rows = vm_logits[keep]
             if self.vwlmm_config.vm_target_grad == "detach":
                 target_rows = target_rows.detach()
             kl = visual_word_kl(mm_rows, target_rows, chunk_size=self.vwlmm_config.kl_chunk_size)
-            vm_sum = kl.sum()
-            vm_count = zero + kl.shape[0]
+            vm_loss = vm_loss.index_put((batch_index, prev_position + 1), kl.float())
+            vm_positions[batch_index, prev_position + 1] = True
 
-        # Next-token targets: labels shifted left; the last position predicts nothing.
-        targets = torch.full_like(labels, IGNORE_INDEX)
-        targets[:, :-1] = labels[:, 1:]
+        targets = next_token_targets(labels, cu_seqlens)
         supervised = targets != IGNORE_INDEX
         ce = tensor_parallel.vocab_parallel_cross_entropy(
             logits.float() if logits.dtype != torch.float32 else logits,
             targets.clamp(min=0),
         )
-        lm_sum = (ce * supervised).sum()
-        lm_count = zero + supervised.sum()
-        return torch.stack([lm_sum, lm_count, vm_sum.float(), vm_count])
+        return ce * supervised, supervised, vm_loss, vm_positions
 
 
 def build_model(

@@ -69,6 +69,12 @@ def allreduce_stage_replicated_grads(model: List[torch.nn.Module]) -> None:
 def finalize_model_grads(
     model: List[torch.nn.Module], num_tokens: Optional[torch.Tensor] = None, **kwargs
 ) -> None:
-    """megatron's ``finalize_model_grads`` followed by the stage-replica gradient sum."""
-    megatron_finalize_model_grads(model, num_tokens, **kwargs)
+    """megatron's ``finalize_model_grads`` followed by the stage-replica gradient sum.
+
+    ``num_tokens`` (set by megatron's schedules under ``calculate_per_token_loss``) is not used:
+    per-token losses arrive already divided by the global batch's totals
+    (``model/forward_step.py``), so the gradients need no further scaling.
+    """
+    del num_tokens
+    megatron_finalize_model_grads(model, None, **kwargs)
     allreduce_stage_replicated_grads(model)

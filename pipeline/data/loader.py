@@ -9,6 +9,11 @@ Both formats yield ``(VWLMMBatch, keys)`` micro-batches in the order fixed by
   ranks); resume skips whole shards by their manifest counts, then samples without decoding.
   Loader workers share the stream and each decodes every W-th micro-batch, so the
   DataLoader's round-robin reassembles the exact order.
+
+With ``packing`` the unit a loader yields is a whole step of this rank: its
+``global_batch_size / DP`` samples (the same samples as without packing) packed into rows and
+grouped into micro-batches (``collate_packed``), as ``(list of VWLMMBatch, keys)``. The number
+of micro-batches then varies from step to step; the data position stays a sample count.
 """
 
 from __future__ import annotations
@@ -50,16 +55,33 @@ class LoaderSpec:
     num_workers: int = 0
     prefetch_factor: int = 4
     s3: S3Options = S3Options()
+    # Pack samples into rows (micro_batch_size rows per micro-batch) instead of padding each.
+    packing: bool = False
     # Module-level function (samples, spec) -> batch; None = the model's collate_samples.
     collate_fn: Optional[Callable] = None
 
 
+    @property
+    def samples_per_item(self) -> int:
+        """Samples behind one loader item: a micro-batch, or with packing a rank's whole step."""
+        if self.packing:
+            return self.global_batch_size // self.dp_size
+        return self.micro_batch_size
+
+
 def collate(samples: List[Dict[str, Any]], spec: LoaderSpec):
-    """Decoded samples -> (VWLMMBatch, keys) through the model's own splicing/padding."""
+    """Decoded samples -> (VWLMMBatch, keys) through the model's own splicing/padding, or with
+    packing -> (list of packed VWLMMBatch, keys in micro-batch order)."""
     if spec.collate_fn is not None:
         return spec.collate_fn(samples, spec), [s["key"] for s in samples]
-    from megatron_vwlmm.model import collate_samples
+    from megatron_vwlmm.model import collate_packed, collate_samples
 
+    if spec.packing:
+        batches, members = collate_packed(
+            samples, seq_length=spec.seq_length, rows_per_micro_batch=spec.micro_batch_size,
+            num_patches=spec.num_patches, pad_token_id=spec.pad_token_id,
+            image_token_id=IMAGE_TOKEN_ID)
+        return batches, [samples[i]["key"] for group in members for i in group]
     batch = collate_samples(samples, seq_length=spec.seq_length, num_patches=spec.num_patches,
                             pad_token_id=spec.pad_token_id, image_token_id=IMAGE_TOKEN_ID)
     return batch, [s["key"] for s in samples]
@@ -136,7 +158,7 @@ class WebDatasetStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        mbs, spec = self.spec.micro_batch_size, self.spec
+        mbs, spec = self.spec.samples_per_item, self.spec
         pending: List = []
         index = 0
         for raw, url in self._samples():
@@ -179,7 +201,7 @@ class RankData:
         if spec.format == "arrow":
             ds = ArrowPositions(self.source, self.train_rows, spec.seed, True, spec.image_size)
             sampler = rank_positions(consumed_samples, spec.global_batch_size,
-                                     spec.micro_batch_size, spec.dp_size, spec.dp_rank)
+                                     spec.samples_per_item, spec.dp_size, spec.dp_rank)
             return iter(_loader(ds, spec, batch_sampler=sampler,
                                 collate_fn=functools.partial(collate, spec=spec)))
         rank_start = consumed_samples // spec.dp_size
@@ -191,7 +213,7 @@ class RankData:
         spec = self.spec
         if spec.format == "arrow":
             ds = ArrowPositions(self.source, self.valid_rows, spec.seed, False, spec.image_size)
-            sampler = rank_positions(0, spec.global_batch_size, spec.micro_batch_size,
+            sampler = rank_positions(0, spec.global_batch_size, spec.samples_per_item,
                                      spec.dp_size, spec.dp_rank)
             return iter(_loader(ds, spec, batch_sampler=sampler,
                                 collate_fn=functools.partial(collate, spec=spec)))

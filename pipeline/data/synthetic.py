@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import List
+from typing import List, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -21,8 +21,11 @@ IMAGE_TOKEN_ID, IGNORE_INDEX = -200, -100
 
 
 def make_samples(n: int, image_size: int = 32, seed: int = 0, vocab: int = 32000,
-                 caption_len: int = 12) -> List[dict]:
+                 caption_len: Union[int, Tuple[int, int]] = 12) -> List[dict]:
     """``n`` caption samples: BOS, <image>, caption tokens (supervised), EOS.
+
+    ``caption_len``: a fixed length, or an inclusive (low, high) range drawn per sample (the
+    spread of real caption data, which sequence packing depends on).
 
     Each image is a smooth colour gradient whose colour is tied to the caption's first token,
     so a model can actually learn the mapping (the overfit test relies on it).
@@ -35,7 +38,9 @@ def make_samples(n: int, image_size: int = 32, seed: int = 0, vocab: int = 32000
         pixels = (colour[None, None, :] * (0.5 + 0.5 * yy[..., None] * xx[..., None]))
         buf = io.BytesIO()
         Image.fromarray(pixels.astype(np.uint8)).save(buf, format="JPEG", quality=95)
-        caption = rng.integers(3, min(vocab, 1000), size=caption_len).astype(np.int32)
+        length = caption_len if isinstance(caption_len, int) else \
+            int(rng.integers(caption_len[0], caption_len[1] + 1))
+        caption = rng.integers(3, min(vocab, 1000), size=length).astype(np.int32)
         input_ids = np.concatenate([[1, IMAGE_TOKEN_ID], caption, [2]]).astype(np.int32)
         labels = np.concatenate([[IGNORE_INDEX, IGNORE_INDEX], caption, [2]]).astype(np.int32)
         out.append(dict(key=f"test-{i:05d}", source_id=str(i), images=[buf.getvalue()],
@@ -47,8 +52,10 @@ def make_samples(n: int, image_size: int = 32, seed: int = 0, vocab: int = 32000
 def write_dataset(root: str, samples: List[dict], shard_size: int, image_size: int = 32,
                   num_patches: int = 16, formats=("arrow", "webdataset"),
                   tokenizer: str = "test-tokenizer", template: str = "plain",
-                  max_seq_len: int = 256) -> str:
-    """Write ``samples`` as shards of ``shard_size`` plus manifest.json; returns ``root``."""
+                  max_seq_len: int = 256, vocab_size: int = 32000) -> str:
+    """Write ``samples`` as shards of ``shard_size`` plus manifest.json; returns ``root``.
+    ``vocab_size`` is the tokenizer's as the manifest records it (the trainer checks it against
+    the model's)."""
     os.makedirs(root, exist_ok=True)
     shards = []
     both = len(formats) == 2
@@ -96,7 +103,7 @@ def write_dataset(root: str, samples: List[dict], shard_size: int, image_size: i
         "format_version": 1, "num_samples": len(samples), "rejected": {}, "shards": shards,
         "statistics": {"max_tokens": max(len(x["input_ids"]) - x["num_images"]
                                          + x["num_images"] * num_patches for x in samples)},
-        "tokenizer": {"name_or_path": tokenizer, "sha256": "0" * 64, "vocab_size": 32000},
+        "tokenizer": {"name_or_path": tokenizer, "sha256": "0" * 64, "vocab_size": vocab_size},
         "template": template, "image_token_id": IMAGE_TOKEN_ID, "ignore_index": IGNORE_INDEX,
         "image_size": image_size, "image_mode": "resize", "num_patches_per_image": num_patches,
         "max_seq_len": max_seq_len, "config": {}, "vwlmm_version": "synthetic",

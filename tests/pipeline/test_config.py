@@ -48,6 +48,7 @@ def test_set_overrides_are_typed_and_reach_the_model():
     ("parallel.tp=0", "parallel.tp=0: must be >= 1"),
     ("optim.decay_style=step", "optim.decay_style='step': must be one of"),
     ("parallel.vpp=2", "parallel.vpp=2: interleaved pipelining needs"),
+    ("optim.loss_normalization=mean", "optim.loss_normalization='mean': must be one of"),
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -85,6 +86,22 @@ def test_global_batch_not_divisible_by_micro_batch_times_dp():
     with pytest.raises(ConfigError, match=r"data.global_batch_size=12: must be divisible by "
                                           r"data.micro_batch_size x DP = 4 x 2 = 8"):
         check_layout(cfg, world_size=2)
+
+
+def test_packing_counts_samples_per_step_and_needs_packed_attention():
+    cfg, m = _tiny("parallel.tp=1", "data.packing=true", "data.micro_batch_size=4",
+                   "data.global_batch_size=6")
+    # Packed, micro-batches are rows: only the step's samples must split over DP.
+    assert check_layout(cfg, world_size=2) == 2
+    with pytest.raises(ConfigError, match=r"data.global_batch_size=6: must be divisible by "
+                                          r"DP = 4 \(data.packing=true"):
+        check_layout(cfg, world_size=4)
+    check_model(m, cfg)
+    cfg, m = _tiny("parallel.tp=1", "data.packing=true",
+                   "model.overrides.attention_backend=unfused")
+    with pytest.raises(ConfigError, match="data.packing=true: needs attention that keeps packed "
+                                          "samples apart"):
+        check_model(m, cfg)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None,

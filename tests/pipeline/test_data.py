@@ -150,3 +150,21 @@ def test_manifest_problems_are_reported(tmp_path, dataset):
         keys(RankData(spec).train_iterator(0), 1)
     with pytest.raises(ValueError, match="holds 5 samples but manifest.json says 6"):
         keys(RankData(spec_for(tmp_path, "webdataset")).train_iterator(0), 3)
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "webdataset"])
+def test_packed_steps_hold_the_unpacked_steps_samples(dataset, fmt):
+    """With packing a loader item is a rank's whole step: the same samples as the unpacked
+    micro-batches of that step (the data position means the same), packed into full rows."""
+    import dataclasses
+
+    base = dataclasses.replace(spec_for(dataset, fmt, mbs=2, gbs=6), collate_fn=None)
+    packed = dataclasses.replace(base, packing=True, micro_batch_size=1)
+    unpacked_keys = keys(RankData(base).train_iterator(6), 3 * 3)
+    steps = list(itertools.islice(RankData(packed).train_iterator(6), 3))
+    for step, (batches, step_keys) in enumerate(steps):
+        assert sorted(step_keys) == sorted(unpacked_keys[step * 6:(step + 1) * 6])
+        assert sum(b.num_samples for b in batches) == 6
+        # 30-position samples, two to a 64-position row: three rows, one micro-batch each
+        assert len(batches) == 3 and all(b.tokens.shape == (1, 64) for b in batches)
+        assert all(b.packing is not None and b.num_useful_positions == 60 for b in batches)
