@@ -89,15 +89,15 @@ def cpu(args) -> dict:
 
 
 def gpu_plan(smoke: bool) -> tuple:
-    """(model sets, rows, patches, image size, shapes {name: caption range}, steps, mbs, gbs)."""
+    """(model sets, vocabulary, rows, patches, image size, shapes {name: caption range}, steps,
+    mbs, gbs)."""
     if smoke:
-        model = CPU_MODEL
-        return model, 224, 64, 64, {"stage1": (4, 16), "stage2": (4, 150)}, 3, 2, 12
-    return GPU_1B, 2048, 576, 336, {"stage1": (8, 60), "stage2": (40, 1400)}, 8, 2, 32
+        return CPU_MODEL, 2048, 224, 64, 64, {"stage1": (4, 16), "stage2": (4, 150)}, 3, 2, 12
+    return GPU_1B, 32000, 2048, 576, 336, {"stage1": (8, 60), "stage2": (40, 1400)}, 8, 2, 32
 
 
 def gpu(args) -> dict:
-    model, rows, patches, image, shapes, steps, mbs, gbs = gpu_plan(args.gpu_smoke)
+    model, vocab, rows, patches, image, shapes, steps, mbs, gbs = gpu_plan(args.gpu_smoke)
     tmp = Path(tempfile.mkdtemp(prefix="vwlmm-bench-"))
     results = {}
     if not args.gpu_smoke:
@@ -118,7 +118,7 @@ def gpu(args) -> dict:
         data = Path(write_dataset(str(tmp / shape), make_samples(
             gbs * ((args.steps or steps) + 1), image_size=image, seed=1, caption_len=captions),
             shard_size=64, image_size=image, num_patches=patches, formats=("arrow",),
-            max_seq_len=rows))
+            max_seq_len=rows, vocab_size=vocab))
         variants = {f"{shape}-padded-unfused": ["model.overrides.attention_backend=unfused"],
                     f"{shape}-padded-sdpa": ["model.overrides.attention_backend=sdpa"],
                     f"{shape}-packed-sdpa": ["model.overrides.attention_backend=sdpa", *PACKED]}

@@ -80,9 +80,9 @@ def test_per_micro_batch_normalisation_is_the_mean_of_micro_batch_means(dataset,
 
 def test_packed_resume_after_kill_is_exact(dataset, tmp_path):
     """DP=2, packed: 6 steps straight == 3 steps, SIGKILL, resume: bitwise (losses, weights,
-    optimizer, samples per step). Then the step-3 checkpoint resumed at PP=2 (middle of the
-    model on another rank, packed metadata through the pipeline) reads the same samples and
-    its next losses agree within 1e-5."""
+    optimizer, samples per step). Then the step-3 checkpoint resumed at PP=4 (two middle stages
+    that read no data and get each packed micro-batch's layout from the first stage) reads the
+    same samples and its next losses agree within 1e-5."""
     sets = PACKED + ["parallel.tp=1", "train.train_iters=6", "checkpoint.save_interval=3",
                      "data.global_batch_size=8", "logging.record_sample_keys=true"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -106,13 +106,12 @@ def test_packed_resume_after_kill_is_exact(dataset, tmp_path):
     keys = _keys(straight, 2)
     assert _keys(resumed, 2) == keys and all(len(v) == 8 for v in keys.values())
 
-    other = tmp_path / "pp2"
+    other = tmp_path / "pp4"
     (other / "checkpoints").mkdir(parents=True)
     shutil.copytree(straight / "checkpoints/iter_0000003", other / "checkpoints/iter_0000003")
     (other / "checkpoints/latest").write_text("iter_0000003\n")
-    out = train(2, dataset, other, [s for s in sets if s != "parallel.tp=1"] +
-                ["parallel.tp=1", "parallel.pp=2"])
-    assert "layout TP=1 PP=2" in out.stdout and "resumed from" in out.stdout
+    out = train(4, dataset, other, sets + ["parallel.pp=4"])
+    assert "layout TP=1 PP=4" in out.stdout and "resumed from" in out.stdout
     c = losses(other)
     assert sorted(c) == [4, 5, 6]
     assert {it: ks for it, ks in _keys(other, 1).items()} == {it: keys[it] for it in (4, 5, 6)}

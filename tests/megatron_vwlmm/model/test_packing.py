@@ -1,7 +1,7 @@
 """Sequence packing: the packed micro-batch gives each sample the same LM and VM loss sums and the
 model the same gradients as the same samples padded one per row, in normal and PIF modes, at
-TP=1, TP=2, PP=2 and TP=2 x PP=2 (megatron's real schedules, middle stages included at PP=4 in
-``test_packing_pp4``); plus the pure packing functions."""
+TP=1, TP=2, PP=2, TP=2 x PP=2 and PP=4 (megatron's real schedules; at PP=4 the two middle stages
+get only the packed layout); plus the pure packing functions."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from megatron_vwlmm.model.packing import (document_ids, document_positions, next
 from megatron_vwlmm.parallel.launch import run_on_ranks
 from tests.megatron_vwlmm.model import cases
 
-LAYOUTS = {"tp1pp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2), "tp2pp2": (2, 2)}
+LAYOUTS = {"tp1pp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2), "tp2pp2": (2, 2), "pp4": (1, 4)}
 MODES = {"normal": False, "pif": True}
 ROWS = 3  # rows per packed micro-batch
 
@@ -210,4 +210,4 @@ def test_packed_equals_unpacked(compared, layout, mode):
         assert sum(vm for _, vm in r["unpacked"].values()) > 0  # images were supervised
     for r in ranks:
         assert r["grad_rel"] <= 1e-4, r["grad_rel"]
-        assert r["num_grads"] >= 10
+        assert r["num_grads"] >= 5  # a PP=4 middle stage holds one decoder layer
