@@ -67,15 +67,24 @@ def test_per_token_loss_and_validation_do_not_depend_on_packing(dataset, tmp_pat
             assert torch.allclose(wa[key], wb[key], rtol=1e-5, atol=1e-7), key
 
 
-def test_per_micro_batch_normalisation_is_the_mean_of_micro_batch_means(dataset, tmp_path):
-    """The other normalisation still differs with packing (it weights micro-batches, not
-    tokens): the switch is real."""
-    sets = ["parallel.tp=1", "train.train_iters=1", "data.global_batch_size=8",
-            "optim.warmup_iters=0"]
-    padded, packed = tmp_path / "padded", tmp_path / "packed"
-    train(1, dataset, padded, sets + ["data.micro_batch_size=2"])
-    train(1, dataset, packed, sets + ["data.packing=true", "data.micro_batch_size=1"])
-    assert losses(packed)[1]["lm_loss"] != pytest.approx(losses(padded)[1]["lm_loss"], rel=1e-5)
+def test_normalisation_switch_reaches_megatron_and_the_loss():
+    """per_micro_batch: megatron's 2-tuple (its own averaging); per_token: the 3-tuple of sums
+    over the global batch's totals, with megatron's averaging off (calculate_per_token_loss)."""
+    from megatron_vwlmm.model.forward_step import TokenTotals, loss_func
+    from pipeline.config import load_config
+    from pipeline.train import transformer_overrides
+    from tests.pipeline.launch import REPO
+
+    stats = torch.tensor([12.0, 4.0, 0.5, 2.0])  # lm_sum, lm_count, vm_sum, vm_count
+    total, metrics = loss_func(2.0, stats)
+    assert float(total) == pytest.approx(12 / 4 + 2.0 * 0.5 / 2)
+    total, num_tokens, metrics = loss_func(2.0, stats, token_totals=TokenTotals(40, 10))
+    assert float(total) == pytest.approx(12 / 40 + 2.0 * 0.5 / 10) and int(num_tokens) == 4
+    assert float(metrics["lm_sum"]) == 12 and float(metrics["vm_count"]) == 2
+    for mode, flag in (("per_micro_batch", False), ("per_token", True)):
+        cfg = load_config(str(REPO / "configs/tiny-cpu.yaml"),
+                          ["parallel.tp=1", f"optim.loss_normalization={mode}"])
+        assert transformer_overrides(cfg).get("calculate_per_token_loss", False) is flag
 
 
 def test_packed_resume_after_kill_is_exact(dataset, tmp_path):
