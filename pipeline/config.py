@@ -81,6 +81,9 @@ class DataSection:
     # Pack whole samples into rows of seq_length (megatron_vwlmm/model/packing.py) instead of
     # padding each one to seq_length: a step's samples fill as few rows as they can.
     packing: bool = False
+    # LLaVA-1.5 stage 2's group_by_modality_length: each step holds only multimodal or only
+    # text-only samples, similar lengths per micro-batch (pipeline/data/order.py; Arrow only).
+    group_by_modality_length: bool = False
     seed: int = 1234
     num_workers: int = 2
     prefetch_factor: int = 4

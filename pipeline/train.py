@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List
@@ -25,6 +26,12 @@ import torch.distributed as dist
 
 from megatron_vwlmm.model.forward_step import TokenTotals
 from pipeline.config import ConfigError, TrainConfig, describe_fields, load_config
+
+# megatron's distributed optimizer zeroes gradients by probing ``.grad`` on every tensor of its
+# groups, views of the fp32 main shards included (its ``_zero_grad_group_helper``): torch warns
+# on each step about a harmless read.
+warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf",
+                        category=UserWarning)
 from pipeline.validate import (check_fp8_available, check_init_from, check_layout, check_manifest,
                                check_model)
 
@@ -237,6 +244,7 @@ def build_rank_data(cfg: TrainConfig, model_cfg, shards, s3, dp_size: int):
 
     spec = LoaderSpec(
         shards=tuple(shards), format=shards[0].format, packing=cfg.data.packing,
+        group_by_modality_length=cfg.data.group_by_modality_length,
         micro_batch_size=cfg.data.micro_batch_size, global_batch_size=cfg.data.global_batch_size,
         dp_size=dp_size, dp_rank=ps.get_data_parallel_rank(with_context_parallel=True),
         seed=cfg.data.seed, seq_length=model_cfg.decoder.seq_length,

@@ -11,7 +11,8 @@ import logging
 import os
 import sys
 
-from preprocessing.config import IMAGE_MODES, OUTPUT_FORMATS, OVERLONG, TEMPLATES, PreprocessConfig
+from preprocessing.config import (IMAGE_MODES, OUTPUT_FORMATS, OVERLONG, TEMPLATES,
+                                  TOKENIZER_BACKENDS, PreprocessConfig)
 
 EPILOG = """\
 examples:
@@ -20,12 +21,16 @@ examples:
     vwlmm-preprocess --source laion --input 'data/laion/*.tar' 'data/laion/*.parquet' \\
       --tokenizer tok/ --template plain --output s3://bucket/pretrain --format both
 
-  # LLaVA-665K / ShareGPT4V conversations
+  # LLaVA-665K / ShareGPT4V conversations, as LLaVA-1.5 stage 2 (over-long text truncated)
   vwlmm-preprocess --source llava --input llava_v1_5_mix665k.json --image-root data/images \\
-    --tokenizer tok/ --template vicuna_v1 --output out/sft
+    --tokenizer tok/ --template vicuna_v1 --overlong truncate --output out/sft --format both
 
   # a HF tokenizer folder from the mistral_common wheel (no network needed)
   vwlmm-preprocess build-tokenizer tok/
+
+Defaults reproduce LLaVA-1.5's data (preprocess_plain / preprocess_v1 token for token, its
+image path bit for bit before JPEG storage); --plain-eos, --image-mode, --exif-transpose,
+--jpeg-draft and --tokenizer-backend fast are the named deviations, recorded in the manifest.
 
 Rerunning the same command resumes: finished shards are kept, the rest is redone, and the result
 is byte-identical to an uninterrupted run. Outside `ray job submit` the command joins
@@ -59,22 +64,39 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--s3-endpoint", help="endpoint URL of an S3-compatible store, e.g. http://127.0.0.1:8333")
     io.add_argument("--overwrite", action="store_true", help="delete --output first instead of resuming")
     tk = p.add_argument_group("text")
-    tk.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer folder (fast tokenizer)")
+    tk.add_argument("--tokenizer", required=True,
+                    help="Hugging Face tokenizer folder (fast tokenizer, plus tokenizer.model for "
+                         "SentencePiece models)")
+    tk.add_argument("--tokenizer-backend", default="auto", choices=TOKENIZER_BACKENDS,
+                    help="auto: the folder's tokenizer.model when present, encoding as LLaVA's slow "
+                         "tokenizer does, else the fast tokenizer (whose whitespace handling "
+                         "differs) (default %(default)s)")
     tk.add_argument("--template", default="plain", choices=TEMPLATES,
-                    help="plain: image + caption (pretraining); vicuna_v1 / mistral: chat, answers supervised (default %(default)s)")
+                    help="plain: image + caption + \"\\n\" (LLaVA pretraining); vicuna_v1 (LLaVA-1.5) / "
+                         "mistral (VW-LMM): chat, answers + EOS supervised (default %(default)s)")
+    tk.add_argument("--plain-eos", action="store_true",
+                    help="plain: end the caption with EOS instead of LLaVA's \"\\n\"")
     tk.add_argument("--max-seq-len", type=int, default=2048,
                     help="maximum tokens after image splicing, each image counting its patches (default %(default)s)")
     tk.add_argument("--overlong", default="drop", choices=OVERLONG,
-                    help="samples over --max-seq-len: drop (reject 'too_long') or truncate text (default %(default)s)")
+                    help="samples over --max-seq-len: drop (reject 'too_long') or truncate the text "
+                         "at the end, keeping images whole (LLaVA truncates; default %(default)s)")
     tk.add_argument("--no-dedup", dest="dedup", action="store_false",
                     help="keep exact duplicates (same image bytes and text); dedup is on by default")
     im = p.add_argument_group("images")
     im.add_argument("--image-size", type=int, default=336, help="vision resolution (default %(default)s)")
     im.add_argument("--patch-size", type=int, default=14,
                     help="vision patch size; an image counts (size/patch)^2 tokens (default %(default)s)")
-    im.add_argument("--image-mode", default="pad", choices=IMAGE_MODES,
-                    help="pad: LLaVA pad-to-square with the CLIP mean colour; resize: squash; "
-                         "crop: short side + centre crop (default %(default)s)")
+    im.add_argument("--image-mode", default=None, choices=IMAGE_MODES,
+                    help="pad: LLaVA's expand2square with the CLIP mean colour, then resize; crop: "
+                         "CLIP's short side + centre crop (LLaVA's 'square'); resize: squash "
+                         "(default: crop with --template plain, as LLaVA-1.5 pretraining; pad "
+                         "otherwise, as its fine-tuning)")
+    im.add_argument("--exif-transpose", action="store_true",
+                    help="apply EXIF orientation (LLaVA does not; default off)")
+    im.add_argument("--jpeg-draft", action="store_true",
+                    help="decode large JPEGs at a reduced scale: faster, pixels differ from "
+                         "LLaVA's full decode (default off)")
     im.add_argument("--jpeg-quality", type=int, default=95, help="re-encoding quality (default %(default)s)")
     im.add_argument("--max-image-pixels", type=int, default=89_478_485,
                     help="decompression-bomb limit in pixels (default %(default)s)")
@@ -116,7 +138,8 @@ def _build_tokenizer(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="vwlmm-preprocess build-tokenizer",
         description="Convert Mistral-7B's SentencePiece model from the mistral_common wheel into "
-                    "a Hugging Face tokenizer folder (32000 pieces, BOS=1, EOS=2).")
+                    "a Hugging Face tokenizer folder (32000 pieces, BOS=1, EOS=2), with the "
+                    "model itself as tokenizer.model, as Hugging Face Mistral repositories ship it.")
     p.add_argument("out_dir", help="folder to create (kept if it already holds tokenizer.json)")
     args = p.parse_args(argv)
     from preprocessing.tokenizer import build_mistral_hf_tokenizer

@@ -4,6 +4,12 @@ Fields split in two groups: *content* fields decide the bytes of the output (the
 the job fingerprint and recorded in the manifest), *runtime* fields only decide how fast or where
 the job runs (worker count, Ray address) and are kept out of both, so that a 1-worker and an
 N-worker run write byte-identical manifests.
+
+The defaults reproduce LLaVA-1.5's data (its ``preprocess_plain`` / ``preprocess_v1``, its slow
+tokenizer, ``expand2square`` + CLIP preprocessing); every deviation is a named field, recorded
+in the manifest's ``config``: ``plain_eos``, ``image_mode`` other than the stage's,
+``exif_transpose``, ``jpeg_draft``, ``tokenizer_backend="fast"``. ``overlong`` stays ``drop``
+by default; ``truncate`` is LLaVA's behaviour (the README's stage commands pass it).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 
 SOURCES = ("laion", "llava")
@@ -19,6 +26,7 @@ TEMPLATES = ("plain", "vicuna_v1", "mistral")
 OUTPUT_FORMATS = ("webdataset", "arrow", "both")
 IMAGE_MODES = ("pad", "resize", "crop")
 OVERLONG = ("drop", "truncate")
+TOKENIZER_BACKENDS = ("auto", "sentencepiece", "fast")
 # ``output`` is runtime too: the manifest lives in it, and moving a dataset must not change it.
 RUNTIME_FIELDS = ("output", "num_workers", "ray_address", "overwrite", "s3_endpoint", "progress")
 
@@ -34,12 +42,23 @@ class PreprocessConfig:
     tokenizer: str
     output: str
     template: str = "plain"
+    # plain: end the caption with EOS instead of LLaVA's "\n" separator.
+    plain_eos: bool = False
+    # auto: the tokenizer folder's SentencePiece model when it has one (LLaVA's slow tokenizer,
+    # preprocessing/legacy_tokenizer.py), else the fast tokenizer; resolved at construction.
+    tokenizer_backend: str = "auto"
     image_root: str | None = None
     format: str = "webdataset"
     # Images: CLIP ViT-L/14-336 by default -> (336 / 14)^2 = 576 patch tokens per image.
     image_size: int = 336
     patch_size: int = 14
-    image_mode: str = "pad"
+    # None: LLaVA-1.5's choice for the template, resolved at construction: crop (its "square":
+    # CLIP resize + centre crop) for plain pretraining, pad (expand2square) for the chat stages.
+    image_mode: str | None = None
+    # Apply EXIF orientation (LLaVA's PIL.Image.open(...).convert("RGB") does not).
+    exif_transpose: bool = False
+    # Decode large JPEGs at a reduced DCT scale (faster; pixels no longer LLaVA's).
+    jpeg_draft: bool = False
     jpeg_quality: int = 95
     max_image_pixels: int = 89_478_485  # Pillow's own decompression-bomb threshold
     min_image_side: int = 10
@@ -70,9 +89,12 @@ class PreprocessConfig:
             _fail("inputs", self.inputs, "at least one input file, glob or s3:// URI is needed")
         if self.source == "llava" and not self.image_root:
             _fail("image_root", self.image_root, "--source llava needs --image-root")
+        if self.image_mode is None:
+            self.image_mode = "crop" if self.template == "plain" else "pad"
         for name, allowed in (
             ("template", TEMPLATES), ("format", OUTPUT_FORMATS),
             ("image_mode", IMAGE_MODES), ("overlong", OVERLONG),
+            ("tokenizer_backend", TOKENIZER_BACKENDS),
         ):
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), f"must be one of {allowed}")
@@ -93,6 +115,15 @@ class PreprocessConfig:
             _fail("min_caption_chars", self.min_caption_chars, "must be >= 0")
         if self.num_workers is not None and self.num_workers < 1:
             _fail("num_workers", self.num_workers, "must be >= 1")
+        if self.plain_eos and self.template != "plain":
+            _fail("plain_eos", self.plain_eos, f"only applies to template 'plain', not {self.template!r}")
+        from preprocessing.legacy_tokenizer import SENTENCEPIECE_FILE, resolve_backend
+
+        self.tokenizer_backend = resolve_backend(self.tokenizer_backend, self.tokenizer)
+        if self.tokenizer_backend == "sentencepiece" and \
+                not os.path.isfile(os.path.join(self.tokenizer, SENTENCEPIECE_FILE)):
+            _fail("tokenizer_backend", self.tokenizer_backend,
+                  f"{self.tokenizer} holds no {SENTENCEPIECE_FILE} (SentencePiece model)")
 
     @property
     def num_patches(self) -> int:

@@ -46,7 +46,18 @@ class Reject(Exception):
 def image_settings(cfg: PreprocessConfig) -> ImageSettings:
     return ImageSettings(size=cfg.image_size, mode=cfg.image_mode, jpeg_quality=cfg.jpeg_quality,
                          max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side,
-                         max_aspect_ratio=cfg.max_aspect_ratio)
+                         max_aspect_ratio=cfg.max_aspect_ratio,
+                         exif_transpose=cfg.exif_transpose, jpeg_draft=cfg.jpeg_draft)
+
+
+def text_tokenizer(cfg: PreprocessConfig, tokenizer):
+    """What the template encodes with: ``tokenizer`` itself (the HF fast tokenizer), or the
+    folder's SentencePiece model as LLaVA's slow tokenizer uses it."""
+    if cfg.tokenizer_backend == "fast":
+        return tokenizer
+    from preprocessing.legacy_tokenizer import load_text_tokenizer
+
+    return load_text_tokenizer(cfg.tokenizer, cfg.tokenizer_backend)
 
 
 def _number(meta: dict, name: str) -> float | None:
@@ -96,7 +107,7 @@ def encode(rec: RawRecord, cfg: PreprocessConfig, tokenizer) -> Sample:
         raise Reject(*rec.error)
     metadata_filters(rec, cfg)
     try:
-        tok = tokenize(cfg.template, rec.turns, tokenizer)
+        tok = tokenize(cfg.template, rec.turns, text_tokenizer(cfg, tokenizer), cfg.plain_eos)
     except TemplateError as exc:
         raise Reject(exc.reason, exc.detail) from exc
     if tok.num_images != len(rec.images):

@@ -1,8 +1,22 @@
 """Image decoding and normalisation to the vision encoder's input: bytes in, JPEG bytes out.
 
 Every failure is an ``ImageReject`` carrying the reject reason, so one bad file never crashes a
-worker. ``pad`` follows LLaVA-1.5's ``expand2square``: the image is centred on a square filled
-with the CLIP mean colour, so padding normalises to ~0 and carries no signal.
+worker. The modes are LLaVA-1.5's image path on the decoded RGB image (``PIL.Image.open(...)
+.convert("RGB")``, no EXIF orientation unless ``exif_transpose``), before CLIP's rescale and
+normalisation, which the trainer applies:
+
+- ``pad``: LLaVA's ``expand2square`` (the image centred on a square of the CLIP mean colour as
+  LLaVA computes it, ``int(mean * 255)`` = (122, 116, 104), so padding normalises to ~0), then
+  CLIP's bicubic resize. LLaVA-1.5 fine-tuning (``image_aspect_ratio="pad"``).
+- ``crop``: CLIP's own preprocessing, short side to ``size`` (long side ``int(size * long /
+  short)``, as transformers computes it), centre crop. LLaVA-1.5 pretraining ("square").
+- ``resize``: squash to a square (no LLaVA stage uses it).
+
+For RGB, greyscale, CMYK and opaque palette images the arrays before JPEG encoding are LLaVA's
+bit for bit, and what the trainer reads differs only by the JPEG storage (quality
+``jpeg_quality``, 4:4:4 chroma). Images with transparency are composited on the pad colour and
+16-bit greyscale is rescaled by its range, where LLaVA's ``convert("RGB")`` drops the alpha
+channel and clips.
 """
 
 from __future__ import annotations
@@ -17,7 +31,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from preprocessing.schema import CLIP_MEAN
 
-PAD_COLOR = tuple(int(round(c * 255)) for c in CLIP_MEAN)
+# LLaVA: tuple(int(x * 255) for x in image_processor.image_mean) -- truncated, not rounded.
+PAD_COLOR = tuple(int(c * 255) for c in CLIP_MEAN)
 _RESAMPLE = Image.Resampling.BICUBIC  # as CLIPImageProcessor
 
 
@@ -35,6 +50,8 @@ class ImageSettings:
     max_pixels: int = 89_478_485
     min_side: int = 10
     max_aspect_ratio: float | None = None
+    exif_transpose: bool = False  # LLaVA ignores EXIF orientation
+    jpeg_draft: bool = False  # reduced-scale JPEG decoding: faster, pixels no longer LLaVA's
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -66,8 +83,10 @@ def _fit(im: Image.Image, s: ImageSettings) -> Image.Image:
         return square.resize((s.size, s.size), _RESAMPLE)
     if s.mode == "resize":
         return im.resize((s.size, s.size), _RESAMPLE)
-    scale = s.size / min(w, h)  # crop
-    im = im.resize((max(s.size, round(w * scale)), max(s.size, round(h * scale))), _RESAMPLE)
+    # crop: transformers' get_resize_output_image_size (int() of the long side), center_crop
+    short, long = sorted((w, h))
+    long = int(s.size * long / short)
+    im = im.resize((s.size, long) if w <= h else (long, s.size), _RESAMPLE)
     left, top = (im.width - s.size) // 2, (im.height - s.size) // 2
     return im.crop((left, top, left + s.size, top + s.size))
 
@@ -97,12 +116,13 @@ def process_image(data: bytes, s: ImageSettings) -> bytes:
             if s.max_aspect_ratio and max(w, h) / min(w, h) > s.max_aspect_ratio:
                 raise ImageReject("aspect_ratio_too_large",
                                   f"{w}x{h}, ratio above {s.max_aspect_ratio}")
-            if im.format == "JPEG" and s.mode != "crop":
+            if s.jpeg_draft and im.format == "JPEG" and s.mode != "crop":
                 # Decode at a reduced DCT scale when the photo is much larger than the target:
                 # several times faster, and every reduced side stays >= the target size.
                 im.draft("RGB", (s.size, s.size))
             im.load()
-            im = ImageOps.exif_transpose(im)
+            if s.exif_transpose:
+                im = ImageOps.exif_transpose(im)
     except ImageReject:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -111,7 +131,17 @@ def process_image(data: bytes, s: ImageSettings) -> bytes:
         raise ImageReject("image_corrupt", "not a recognised image format") from exc
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         raise ImageReject("image_corrupt", f"{type(exc).__name__}: {exc}") from exc
+    return encode_jpeg(fit_image(im, s), s.jpeg_quality)
+
+
+def fit_image(im: Image.Image, s: ImageSettings) -> Image.Image:
+    """A decoded image -> the RGB array the vision encoder sees (before JPEG storage)."""
+    return _fit(_to_rgb(im), s)
+
+
+def encode_jpeg(im: Image.Image, quality: int) -> bytes:
+    """Storage: 4:4:4 chroma (no subsampling), which halves the error against the array."""
     out = io.BytesIO()
-    _fit(_to_rgb(im), s).save(out, format="JPEG", quality=s.jpeg_quality)
+    im.save(out, format="JPEG", quality=quality, subsampling=0)
     return out.getvalue()
 

@@ -1,18 +1,29 @@
-"""Conversation templates (``plain``, ``vicuna_v1``, ``mistral``) and label masking.
+"""Conversation templates (``plain``, ``vicuna_v1``, ``mistral``) and label masking, token for
+token as LLaVA-1.5 builds its training data.
 
-A conversation is rendered into *pieces*: text (with character spans marking the assistant's
-words), image placeholders, BOS and EOS. Each text piece is tokenized on its own with offsets,
-and a token is supervised iff it covers assistant characters. LLaVA instead tokenizes prompt
-prefixes separately and subtracts lengths, which silently masks the whole sample when the two
-tokenizations disagree (its "tokenization mismatch" warning). Here every sample is verified:
-a token that mixes assistant and prompt characters, or supervised tokens that do not decode to
-exactly the assistant text, rejects the sample with reason ``tokenization_mismatch``.
+Renderings (``<s>``/``</s>`` are the BOS/EOS ids, ``<image>`` the placeholder, ``[...]`` marks
+the supervised part; turn texts are used as written):
+- plain, LLaVA's ``preprocess_plain``: ``<s><image>[caption\\n]``; with ``plain_eos``
+  (not LLaVA's) ``<s><image>[caption</s>]``.
+- vicuna_v1, LLaVA's ``conv_vicuna_v1`` + ``preprocess_v1``:
+  ``<s>SYSTEM USER: q ASSISTANT:[ a</s>]USER: q2 ASSISTANT:[ a2</s>]``
+- mistral, VW-LMM's ``conversation.py`` (MISTRAL style, also Mistral-Instruct's own format):
+  ``<s>[INST] q [/INST][a</s>][INST] q2 [/INST][a2</s>]``
 
-Renderings (``<s>``/``</s>`` are the BOS/EOS ids, ``<image>`` the placeholder id):
-- plain (LLaVA pretraining): ``<s><image>...caption</s>``; caption and EOS supervised.
-- vicuna_v1: ``<s>SYSTEM USER: <image>\\nq ASSISTANT: a</s>USER: q2 ASSISTANT: a2</s>``
-- mistral: ``<s>[INST] <image>\\nq [/INST] a</s>[INST] q2 [/INST] a2</s>``
-In the chat templates each answer and its EOS are supervised; everything else is IGNORE_INDEX.
+LLaVA tokenizes a conversation in segments (split at each ``<image>`` and special token, each
+segment with its own "▁" dummy prefix) and masks by counting: per round, the instruction's
+token count minus 2 (its BOS and its trailing "▁"). Here the conversation is rendered into the
+same segments (*pieces*), each piece is tokenized with character offsets
+(``preprocessing.legacy_tokenizer``), and a token is supervised iff it covers characters of an
+answer span. A vicuna answer's span starts at the space before it, which is what LLaVA's "-2"
+leaves supervised: the lone "▁" before an answer starting with a digit, CJK text or an emoji
+is a label, as in LLaVA.
+
+Every sample is verified. LLaVA silently masks a whole sample when its counts disagree (its
+"tokenization mismatch" warning); here such a sample is rejected as ``tokenization_mismatch``:
+a token mixing prompt and answer characters (mistral's "]." when an answer starts with "."),
+supervised tokens that do not decode back to the answer, or a turn containing the separator
+LLaVA splits rounds at.
 """
 
 from __future__ import annotations
@@ -28,6 +39,9 @@ VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
+# Where LLaVA's preprocess_v1 cuts a round into instruction and answer (the mistral template
+# has no published training code; the same rule is applied with its own separator).
+ANSWER_SEPARATORS = {"vicuna_v1": " ASSISTANT: ", "mistral": "[/INST]"}
 
 
 class TemplateError(ValueError):
@@ -47,7 +61,7 @@ class Turn:
 @dataclass
 class _Text:
     text: str = ""
-    spans: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, turn index)
+    spans: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, answer index)
 
 
 @dataclass
@@ -66,22 +80,27 @@ class Tokenized:
 class _Renderer:
     def __init__(self) -> None:
         self.pieces: list[_Text | _Special] = []
+        self.answers: list[str] = []  # the supervised text of each answer (EOS excluded)
 
     def _text(self) -> _Text:
         if not self.pieces or not isinstance(self.pieces[-1], _Text):
             self.pieces.append(_Text())
         return self.pieces[-1]
 
-    def text(self, s: str, answer: int | None = None) -> None:
-        """Append prompt text, or the words of answer number ``answer`` (supervised)."""
+    def text(self, s: str) -> None:
+        """Append prompt text; each ``<image>`` becomes a placeholder between pieces."""
         for i, chunk in enumerate(s.split(IMAGE_TAG)):
             if i:
                 self.pieces.append(_Special("image"))
             if chunk:
-                piece = self._text()
-                if answer is not None:
-                    piece.spans.append((len(piece.text), len(piece.text) + len(chunk), answer))
-                piece.text += chunk
+                self._text().text += chunk
+
+    def answer(self, s: str) -> None:
+        """Append the supervised text of the next answer (never holds ``<image>``)."""
+        piece = self._text()
+        piece.spans.append((len(piece.text), len(piece.text) + len(s), len(self.answers)))
+        piece.text += s
+        self.answers.append(s)
 
     def special(self, kind: str, answer: int | None = None) -> None:
         self.pieces.append(_Special(kind, answer))
@@ -96,39 +115,61 @@ def _check_turns(turns: list[Turn]) -> None:
             raise TemplateError("bad_record", f"turn {i} is from {t.role!r}, expected {want!r}")
         if t.role == "gpt" and IMAGE_TAG in t.text:
             raise TemplateError("image_tag_mismatch", f"answer turn {i} contains {IMAGE_TAG}")
-        if t.role == "gpt" and not t.text.strip():
-            raise TemplateError("bad_record", f"answer turn {i} is empty")
+        if not t.text.strip():
+            # LLaVA renders an empty turn as "ROLE:" with no separator, which breaks its own
+            # round split: the sample ends up fully masked. Rejected here, with the reason.
+            raise TemplateError("bad_record", f"{'answer' if t.role == 'gpt' else 'human'} "
+                                              f"turn {i} is empty")
 
 
-def render(template: str, turns: list[Turn]) -> _Renderer:
+def render(template: str, turns: list[Turn], plain_eos: bool = False) -> _Renderer:
     _check_turns(turns)
     r = _Renderer()
     r.special("bos")
     if template == "plain":
-        # LLaVA's preprocess_plain: the human turn is reduced to its image(s), the first answer is
-        # the caption. Multi-turn data has no place in this template.
+        # preprocess_plain: the human turn is replaced by its image(s); the caption and LLaVA's
+        # "\n" separator are the target, without EOS. Multi-turn data has no place here.
         if len(turns) != 2:
             raise TemplateError("template_incompatible", f"plain needs 1 exchange, got {len(turns) // 2}")
         r.text(IMAGE_TAG * turns[0].text.count(IMAGE_TAG))
-        r.text(turns[1].text.strip(), answer=0)
-        r.special("eos", answer=0)
-        return r
-    for k in range(0, len(turns), 2):
-        question, answer = turns[k].text.strip(), turns[k + 1].text.strip()
-        if template == "vicuna_v1":
-            r.text((VICUNA_SYSTEM + " " if k == 0 else "") + "USER: " + question + " ASSISTANT: ")
-        elif template == "mistral":
-            r.text("[INST] " + question + " [/INST] ")
+        if plain_eos:
+            r.answer(turns[1].text)
+            r.special("eos", 0)
         else:
-            raise TemplateError("template_incompatible", f"unknown template {template!r}")
-        r.text(answer, answer=k // 2)
-        r.special("eos", answer=k // 2)
+            r.answer(turns[1].text + "\n")
+        return r
+    if template not in ANSWER_SEPARATORS:
+        raise TemplateError("template_incompatible", f"unknown template {template!r}")
+    separator = ANSWER_SEPARATORS[template]
+    for k in range(0, len(turns), 2):
+        question, answer = turns[k].text, turns[k + 1].text
+        if template == "vicuna_v1":
+            prompt = (VICUNA_SYSTEM + " " if k == 0 else "") + "USER: " + question + " ASSISTANT:"
+            supervised = " " + answer
+        else:
+            prompt, supervised = "[INST] " + question + " [/INST]", answer
+        if (prompt + supervised).count(separator) != 1:
+            raise TemplateError(
+                "tokenization_mismatch", f"turn {k} or {k + 1} contains {separator!r}, where "
+                "LLaVA splits a round into instruction and answer (it masks such samples whole)")
+        r.text(prompt)
+        r.answer(supervised)
+        r.special("eos", k // 2)
     return r
 
 
-def tokenize(template: str, turns: list[Turn], tokenizer) -> Tokenized:
-    """Render + tokenize + mask + verify; raises TemplateError with the reject reason."""
-    r = render(template, turns)
+def tokenize(template: str, turns: list[Turn], tokenizer, plain_eos: bool = False) -> Tokenized:
+    """Render + tokenize + mask + verify; raises TemplateError with the reject reason.
+
+    ``tokenizer``: a fast HF tokenizer or ``legacy_tokenizer.SentencePieceSegments`` (text
+    segments -> ids + character offsets, ``decode``, ``bos_token_id``/``eos_token_id``)."""
+    for i, t in enumerate(turns):
+        special = next((s for s in getattr(tokenizer, "all_special_tokens", ()) if s in t.text), None)
+        if special is not None:
+            # LLaVA's slow tokenizer would turn the text into a special id ("</s>" also splits
+            # its rounds and masks the sample whole).
+            raise TemplateError("special_token_in_text", f"turn {i} contains {special!r}")
+    r = render(template, turns, plain_eos)
     ids: list[int] = []
     labels: list[int] = []
     answer_of: list[int | None] = []
@@ -146,17 +187,21 @@ def tokenize(template: str, turns: list[Turn], tokenizer) -> Tokenized:
             ids.append(tid)
             labels.append(tid if owner is not None else IGNORE_INDEX)
             answer_of.append(owner)
-    _verify(turns, template, ids, answer_of, tokenizer)
+    _verify(r, ids, answer_of, tokenizer, closed_by_eos=template != "plain" or plain_eos)
     n_img = sum(1 for p in r.pieces if isinstance(p, _Special) and p.kind == "image")
     return Tokenized(np.asarray(ids, np.int32), np.asarray(labels, np.int32), n_img)
 
 
 def _owner(piece: _Text, start: int, end: int) -> int | None:
-    """The answer a token belongs to, None for prompt tokens; mixed tokens raise."""
+    """The answer a token belongs to, None for prompt tokens; mixed tokens raise.
+
+    A token without characters of its own (the dummy prefix, a byte-fallback piece) belongs
+    with the character at its offset."""
+    if start == end:
+        start, end = (start, start + 1) if start < len(piece.text) else (start - 1, start)
     for s, e, turn in piece.spans:
         if start < e and end > s:  # overlaps the answer
-            outside = piece.text[start:max(start, s)] + piece.text[min(end, e):end]
-            if outside.strip():
+            if start < s or end > e:
                 raise TemplateError(
                     "tokenization_mismatch",
                     f"token {piece.text[start:end]!r} spans prompt and answer {turn} text",
@@ -165,16 +210,17 @@ def _owner(piece: _Text, start: int, end: int) -> int | None:
     return None
 
 
-def _verify(turns, template, ids, answer_of, tokenizer) -> None:
-    answers = [t.text.strip() for t in turns if t.role == "gpt"]
-    if template == "plain":
-        answers = answers[:1]
-    for k, want in enumerate(answers):
+def _verify(r: _Renderer, ids, answer_of, tokenizer, closed_by_eos: bool) -> None:
+    for k, want in enumerate(r.answers):
         toks = [i for i, a in zip(ids, answer_of) if a == k]
-        if not toks or toks[-1] != tokenizer.eos_token_id:
-            raise TemplateError("tokenization_mismatch", f"answer {k} is not closed by EOS")
-        got = tokenizer.decode(toks[:-1], clean_up_tokenization_spaces=False)
-        if got != want:
+        if closed_by_eos:
+            if not toks or toks[-1] != tokenizer.eos_token_id:
+                raise TemplateError("tokenization_mismatch", f"answer {k} is not closed by EOS")
+            toks = toks[:-1]
+        got = tokenizer.decode(toks, clean_up_tokenization_spaces=False)
+        # Decoding drops the space that starts the first token ("▁1" -> "1"): the separator
+        # space of a vicuna answer, or a dummy prefix (which is no character of the text).
+        if got != want and not (want.startswith(" ") and got == want[1:]):
             raise TemplateError(
                 "tokenization_mismatch", f"answer {k} decodes to {got[:60]!r}, expected {want[:60]!r}"
             )

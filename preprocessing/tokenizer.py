@@ -31,14 +31,19 @@ def mistral_sentencepiece_path() -> Path:
 
 
 def build_mistral_hf_tokenizer(out_dir: str | os.PathLike) -> Path:
-    """Write a Hugging Face tokenizer directory converted from Mistral's SentencePiece model.
+    """Write a Hugging Face tokenizer directory converted from Mistral's SentencePiece model,
+    with the model itself as ``tokenizer.model`` (as Hugging Face Mistral repositories ship it;
+    preprocessing encodes with it exactly as LLaVA's slow tokenizer did).
 
-    Idempotent: an existing ``tokenizer.json`` in ``out_dir`` is kept. Returns ``out_dir``.
+    Idempotent: an existing ``tokenizer.json`` in ``out_dir`` is kept (a missing
+    ``tokenizer.model`` is added). Returns ``out_dir``.
     """
     from transformers import LlamaTokenizer
 
     out = Path(out_dir)
     if (out / "tokenizer.json").is_file():
+        if not (out / "tokenizer.model").is_file():
+            shutil.copyfile(mistral_sentencepiece_path(), out / "tokenizer.model")
         return out
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(mistral_sentencepiece_path(), Path(tmp) / "tokenizer.model")
@@ -49,6 +54,7 @@ def build_mistral_hf_tokenizer(out_dir: str | os.PathLike) -> Path:
             raise RuntimeError(f"conversion produced {len(tok)} pieces, expected 32000")
         staging = Path(tempfile.mkdtemp(prefix=".tok-", dir=out.parent if out.parent.exists() else None))
         tok.save_pretrained(staging)
+        shutil.copyfile(mistral_sentencepiece_path(), staging / "tokenizer.model")
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         shutil.rmtree(out)

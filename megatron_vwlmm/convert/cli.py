@@ -13,6 +13,8 @@ EPILOG = """examples:
       --tp 2 --pp 2 --out ckpt/init            # local HF folders; then train with
                                                # model.init_from=ckpt/init
   vwlmm-convert import --vwlmm MYTH-Lab/VW-LMM-Vicuna --out ckpt/vwlmm
+  vwlmm-convert import --llava liuhaotian/llava-v1.5-7b --vision openai/clip-vit-large-patch14-336 \\
+      --out ckpt/from-llava          # VW-LMM from LLaVA-1.5: VM head = copy of its LM head
   vwlmm-convert export --checkpoint runs/x/checkpoints --format llava-hf --out hf/x --dtype bf16
   vwlmm-convert export --checkpoint ckpt/vwlmm --format vwlmm --out hf/orig
 """
@@ -28,18 +30,25 @@ def _parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = imp.add_mutually_exclusive_group(required=True)
     src.add_argument("--llm", help="HF Llama/Vicuna/Mistral causal-LM folder (needs --vision)")
-    src.add_argument("--vwlmm", help="HF folder in the original VW-LMM layout (whole model)")
-    imp.add_argument("--vision", help="HF CLIP (vision) folder; with --vwlmm only needed when "
-                                      "mm_vision_tower is not a local folder or known tower")
+    src.add_argument("--vwlmm", "--llava", dest="vwlmm",
+                     help="HF folder in the LLaVA layout: a VW-LMM checkpoint (whole model) or "
+                          "LLaVA-1.5 (no vm_head: initialised per --vm-head-init); recognised by "
+                          "its weights and config fields, Llama or Mistral from the config")
+    imp.add_argument("--vision", help="HF CLIP (vision) folder; with --vwlmm/--llava only needed "
+                                      "when mm_vision_tower is not a local folder and the "
+                                      "checkpoint lacks the tower's weights or it is unknown")
     imp.add_argument("--projector", help="optional LLaVA stage-1 mm_projector weights "
                                          "(.bin/.safetensors); default: fresh initialisation")
     imp.add_argument("--vm-head-init", choices=("lm_head", "random"), default="lm_head",
-                     help="VM head starts as a copy of the LM head (paper) or random")
+                     help="VM head starts as a copy of the LM head (paper) or random (when the "
+                          "source has none)")
     imp.add_argument("--tp", type=int, default=1, help="tensor-parallel size to validate for")
     imp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to validate for")
     imp.add_argument("--seq-length", type=int, help="training sequence length recorded in the "
                                                     "config (default min(context, 4096))")
-    imp.add_argument("--pif", action="store_true", help="mark the model as PIF (--llm only)")
+    imp.add_argument("--pif", action=argparse.BooleanOptionalAction, default=None,
+                     help="PIF model (the weights cannot tell); --vwlmm default: VW-LMM's rule, "
+                          "'pif' in the folder name; --llm default: no")
     imp.add_argument("--out", required=True, help="new megatron checkpoint folder")
 
     exp = sub.add_parser("export", help="megatron checkpoint (any TP/PP) -> HF folder",
@@ -70,13 +79,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             if args.vwlmm:
                 out = import_original(args.vwlmm, args.out, tp=args.tp, pp=args.pp,
-                                      vision_dir=args.vision, seq_length=args.seq_length)
+                                      vision_dir=args.vision, seq_length=args.seq_length,
+                                      pif=args.pif, vm_head_init=args.vm_head_init)
             else:
                 if not args.vision:
                     raise SystemExit("vwlmm-convert import: --llm needs --vision")
                 out = import_hf(args.llm, args.vision, args.out, tp=args.tp, pp=args.pp,
                                 vm_head_init=args.vm_head_init, projector=args.projector,
-                                seq_length=args.seq_length, pif=args.pif)
+                                seq_length=args.seq_length, pif=bool(args.pif))
         else:
             from megatron_vwlmm.convert.exporter import export_checkpoint
 

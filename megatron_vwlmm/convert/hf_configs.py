@@ -242,11 +242,26 @@ def original_vwlmm_config(config: VWLMMConfig, architecture: str, *, mm_vision_t
     return out
 
 
-def architecture_of_original(config: dict, source: str) -> tuple[str, bool]:
-    """(decoder architecture, pif) of an original-layout config.json."""
-    for (arch, pif), name in ORIGINAL_ARCHITECTURES.items():
-        if name in (config.get("architectures") or []):
-            return arch, pif
-    raise UnsupportedModelError(
-        f"{source}: architectures {config.get('architectures')} is none of the original VW-LMM "
-        f"classes {sorted(ORIGINAL_ARCHITECTURES.values())}")
+# model_type of LLaVA-family configs: LLaVA-1.5 and VW-LMM write "llava" (their config class
+# subclasses LlamaConfig or MistralConfig), later LLaVA releases "llava_llama" / "llava_mistral".
+_ORIGINAL_MODEL_TYPES = {"llava": None, "llava_llama": "llama", "llava_mistral": "mistral",
+                         "llama": "llama", "mistral": "mistral"}
+
+
+def original_decoder_family(config: dict, source: str) -> str:
+    """'llama' or 'mistral' for the config.json of a LLaVA-layout checkpoint (VW-LMM or LLaVA).
+
+    Read from the config's fields, never from ``architectures``: VW-LMM's loader picks the class
+    from the base model it is told, and both families write ``model_type`` "llava". A Mistral
+    config always serialises ``sliding_window`` (transformers writes every field its class adds
+    to ``PretrainedConfig``), a Llama config has no such field.
+    """
+    model_type = config.get("model_type")
+    if model_type not in _ORIGINAL_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{source}: model_type {model_type!r} is not a LLaVA-layout Llama / Mistral model "
+            f"({sorted(_ORIGINAL_MODEL_TYPES)})")
+    family = _ORIGINAL_MODEL_TYPES[model_type]
+    if family is None:
+        family = "mistral" if "sliding_window" in config else "llama"
+    return family

@@ -1,4 +1,5 @@
-"""Hugging Face -> megatron: an LLM + CLIP pair, or a whole original-layout VW-LMM checkpoint.
+"""Hugging Face -> megatron: an LLM + CLIP pair, or a whole LLaVA-layout checkpoint (VW-LMM's
+original release or LLaVA-1.5).
 
 The source tensors are mapped to a full megatron state (``hf_mapping.hf_to_megatron``), loaded
 into a TP1PP1 model in this process and saved as a reshardable dist checkpoint; ``tp``/``pp``
@@ -20,8 +21,9 @@ import torch
 from megatron_vwlmm.convert import layouts
 from megatron_vwlmm.convert.errors import UnsupportedModelError, VocabMismatchError
 from megatron_vwlmm.convert.hf_configs import (
-    architecture_of_original,
+    ORIGINAL_ARCHITECTURES,
     decoder_architecture,
+    original_decoder_family,
     vision_config_of,
     vwlmm_config_from_hf,
 )
@@ -170,19 +172,46 @@ def _original_vision_config(config: dict, folder: Path, vision_dir: Optional[str
         f"tower ({sorted(_KNOWN_TOWERS)}); pass --vision <CLIP folder> for its config")
 
 
+def _pif_of(src: Path, raw: dict, pif: Optional[bool]) -> bool:
+    """PIF is not in the weights: ``pif`` when given, else VW-LMM's own rule (its loader builds
+    the PIF class when the model name, the folder name, contains "pif") or the class name our
+    ``--format vwlmm`` export writes."""
+    if pif is not None:
+        return pif
+    name = src.resolve().name
+    if name.startswith("checkpoint-"):  # VW-LMM / LLaVA get_model_name_from_path
+        name = src.resolve().parent.name + "_" + name
+    return "pif" in name or ORIGINAL_ARCHITECTURES[("llama", True)] in (raw.get("architectures") or [])
+
+
 def import_original(src_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1,
-                    vision_dir: Optional[str] = None, seq_length: Optional[int] = None) -> Path:
-    """A checkpoint in the original VW-LMM layout (vm_head, mm_projector, vision tower) -> a
-    megatron checkpoint, whole (no part re-initialised), so training continues from it."""
+                    vision_dir: Optional[str] = None, seq_length: Optional[int] = None,
+                    pif: Optional[bool] = None, vm_head_init: str = "lm_head") -> Path:
+    """A LLaVA-layout checkpoint -> a megatron checkpoint, recognised by its weights and config
+    fields, whatever its ``architectures`` says.
+
+    ``model.*`` + ``lm_head`` (Llama or Mistral, read from the config) + ``model.mm_projector``
+    (mlp2x_gelu) + the CLIP tower (``model.vision_tower.vision_tower.*``, or from ``vision_dir``
+    / a local ``mm_vision_tower`` when the checkpoint leaves it out, as LLaVA-1.5 may). With a
+    ``vm_head`` it is a VW-LMM checkpoint, imported whole; without one (LLaVA-1.5) the VM head
+    starts per ``vm_head_init``. ``pif``: see ``_pif_of``."""
     from transformers import LlamaConfig, MistralConfig
 
+    if vm_head_init not in VM_HEAD_INITS:
+        raise ValueError(f"vm_head_init: {vm_head_init!r} is not one of {VM_HEAD_INITS}")
     src = Path(src_dir)
     if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src}: no config.json (expected an original VW-LMM folder)")
+        raise FileNotFoundError(f"{src}: no config.json (expected a VW-LMM / LLaVA model folder)")
+    where = f"{src}/config.json"
     raw = json.loads((src / "config.json").read_text())
-    architecture, pif = architecture_of_original(raw, f"{src}/config.json")
+    architecture = original_decoder_family(raw, where)
+    pif = _pif_of(src, raw, pif)
+    if pif and architecture != "llama":
+        raise UnsupportedModelError(f"{where}: VW-LMM's PIF model exists for Llama only, this "
+                                    "is a Mistral checkpoint (pass --no-pif)")
     fields = {k: v for k, v in raw.items() if k not in ("model_type", "architectures")}
     llm_config = (MistralConfig if architecture == "mistral" else LlamaConfig)(**fields)
+    decoder_architecture(llm_config, where)
     vision_config = _original_vision_config(raw, src, vision_dir)
     config = vwlmm_config_from_hf(llm_config, vision_config, seq_length=seq_length,
                                   feature_layer=raw.get("mm_vision_select_layer", -2), pif=pif,
@@ -190,19 +219,40 @@ def import_original(src_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1,
     if raw.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu" or \
             raw.get("mm_vision_select_feature", "patch") != "patch":
         raise UnsupportedModelError(
-            f"{src}/config.json: mm_projector_type {raw.get('mm_projector_type')!r} / "
+            f"{where}: mm_projector_type {raw.get('mm_projector_type')!r} / "
             f"mm_vision_select_feature {raw.get('mm_vision_select_feature')!r}; only mlp2x_gelu "
             "with patch features is supported")
     config.validate(tp, pp)
     check_tokenizer_fits(src, config.decoder.vocab_size)
     components = layouts.from_original(read_hf_tensors(src))
-    if not components["vm_head"] or not components["projector"] or not components["vision"]:
-        missing = [k for k in ("vm_head", "projector", "vision") if not components[k]]
-        raise UnsupportedModelError(f"{src}: original-layout checkpoint without {missing}")
+    if not components["projector"]:
+        raise UnsupportedModelError(
+            f"{src}: no model.mm_projector.* weights, so not a LLaVA-layout checkpoint (import an "
+            "LLM alone with --llm and --vision)")
+    vision_from = str(src.resolve())
+    if not components["vision"]:
+        components["vision"], vision_from = _tower_weights(raw, src, vision_dir)
     vision, tail = layouts.split_vision_tail(components["vision"], config.vision.num_layers_run)
     components["vision"] = vision
-    source = {"format": "vwlmm", "architecture": architecture, "vwlmm": str(src.resolve()),
-              "original_config": raw, "vision_config": vision_config.to_dict(),
-              "mm_vision_tower": raw.get("mm_vision_tower", "")}
-    return _build_and_save(components, config, out_dir, tp=tp, pp=pp, vm_head_init="source",
+    has_vm_head = bool(components["vm_head"])
+    source = {"format": "vwlmm" if has_vm_head else "llava", "architecture": architecture,
+              "vwlmm": str(src.resolve()), "original_config": raw,
+              "llm_config": llm_config.to_dict(), "vision_config": vision_config.to_dict(),
+              "vision_weights": vision_from, "mm_vision_tower": raw.get("mm_vision_tower", "")}
+    log.info("%s: %s layout, %s decoder, pif=%s, VM head %s", src,
+             "VW-LMM" if has_vm_head else "LLaVA", architecture, pif,
+             "from the checkpoint" if has_vm_head else f"initialised ({vm_head_init})")
+    return _build_and_save(components, config, out_dir, tp=tp, pp=pp,
+                           vm_head_init="source" if has_vm_head else vm_head_init,
                            source=source, vision_tail=tail)
+
+
+def _tower_weights(raw: dict, src: Path, vision_dir: Optional[str]):
+    """(CLIP tensors, where from) for a checkpoint that does not carry its vision tower."""
+    tower = raw.get("mm_vision_tower") or ""
+    for folder in (vision_dir, tower):
+        if folder and (Path(folder) / "config.json").is_file():
+            return layouts.clip_vision_keys(read_hf_tensors(folder)), str(Path(folder).resolve())
+    raise UnsupportedModelError(
+        f"{src}: the checkpoint holds no vision tower weights and mm_vision_tower {tower!r} is "
+        "not a local folder; pass --vision <CLIP folder>")

@@ -23,7 +23,7 @@ _CONTENT = (
 )
 # preprocessing/templates.py renderings:
 #   vicuna_v1: <s>SYSTEM USER: <image>\nq ASSISTANT: a</s>USER: q2 ASSISTANT: a2</s>
-#   mistral:   <s>[INST] <image>\nq [/INST] a</s>[INST] q2 [/INST] a2</s>
+#   mistral:   <s>[INST] <image>\nq [/INST]a</s>[INST] q2 [/INST]a2</s>
 CHAT_TEMPLATES = {
     "vicuna_v1": (
         "{{ bos_token }}{% for message in messages %}"
@@ -37,7 +37,7 @@ CHAT_TEMPLATES = {
     "mistral": (
         "{{ bos_token }}{% for message in messages %}"
         "{% if message['role'] == 'user' %}[INST] " + _CONTENT + " [/INST]"
-        "{% elif message['role'] == 'assistant' %} " + _CONTENT + "{{ eos_token }}"
+        "{% elif message['role'] == 'assistant' %}" + _CONTENT + "{{ eos_token }}"
         "{% endif %}{% endfor %}"
     ),
 }

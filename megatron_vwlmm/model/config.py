@@ -306,10 +306,11 @@ _DECODERS = {
         num_query_groups=32, vocab_size=32000, seq_length=2048, rotary_base=10000.0,
         norm_epsilon=1e-5,
     ),
-    # Mistral-7B: GQA (8 KV heads); sliding window off, as LLaVA trains it.
+    # Mistral-7B-Instruct-v0.2, VW-LMM's Mistral base: GQA (8 KV heads), RoPE base 1e6, no
+    # sliding window (LLaVA trains without one).
     "mistral-7b": DecoderConfig(
         num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
-        num_query_groups=8, vocab_size=32000, seq_length=2048, rotary_base=10000.0,
+        num_query_groups=8, vocab_size=32000, seq_length=2048, rotary_base=1000000.0,
         norm_epsilon=1e-5,
     ),
     # Tests and the demo: the real 32000-piece tokenizer, a few-MB model, GQA on.

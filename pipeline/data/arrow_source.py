@@ -63,11 +63,17 @@ class ArrowShards:
 
     def keys(self) -> List[str]:
         """All sample keys (reads only the key column)."""
-        out: List[str] = []
+        return self.column("key")
+
+    def column(self, name: str) -> List[Any]:
+        """One column of every row, in order (reads only that column)."""
+        out: List[Any] = []
         for shard in range(len(self.shards)):
             reader = self._reader(shard)
+            if name not in reader.schema.names:
+                raise ValueError(f"{self.shards[shard].url}: no column {name!r} (data contract)")
             for i in range(reader.num_record_batches):
-                out.extend(reader.get_batch(i).column("key").to_pylist())
+                out.extend(reader.get_batch(i).column(name).to_pylist())
         return out
 
     def __getitem__(self, index: int) -> Dict[str, Any]:

@@ -10,6 +10,10 @@ Both formats yield ``(VWLMMBatch, keys)`` micro-batches in the order fixed by
   Loader workers share the stream and each decodes every W-th micro-batch, so the
   DataLoader's round-robin reassembles the exact order.
 
+With ``group_by_modality_length`` (Arrow only: it needs every sample's ``num_images`` and
+``num_tokens`` up front) the train order is ``order.ModalityLengthGrouping``'s: steps of one
+modality, similar lengths per micro-batch, still a pure function of (seed, position).
+
 With ``packing`` the unit a loader yields is a whole step of this rank: its
 ``global_batch_size / DP`` samples (the same samples as without packing) packed into rows and
 grouped into micro-batches (``collate_packed``), as ``(list of VWLMMBatch, keys)``. The number
@@ -31,7 +35,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from pipeline.data.arrow_source import ArrowShards, split_indices
 from pipeline.data.decode import decode_sample
 from pipeline.data.manifest import IMAGE_TOKEN_ID, ShardInfo
-from pipeline.data.order import is_validation_key, position_to_item, rank_positions, rank_shards
+from pipeline.data.order import (ModalityLengthGrouping, is_validation_key, position_to_item,
+                                 rank_positions, rank_shards)
 from pipeline.data.storage import S3Options
 from pipeline.data.wds_source import iter_shard
 
@@ -57,6 +62,8 @@ class LoaderSpec:
     s3: S3Options = S3Options()
     # Pack samples into rows (micro_batch_size rows per micro-batch) instead of padding each.
     packing: bool = False
+    # LLaVA's group_by_modality_length (pipeline/data/order.py ModalityLengthGrouping).
+    group_by_modality_length: bool = False
     # Module-level function (samples, spec) -> batch; None = the model's collate_samples.
     collate_fn: Optional[Callable] = None
 
@@ -103,17 +110,19 @@ class ArrowPositions(Dataset):
     """Global position -> decoded sample, over the train or validation rows."""
 
     def __init__(self, source: ArrowShards, rows: np.ndarray, seed: int, shuffle: bool,
-                 image_size: int) -> None:
+                 image_size: int, grouping: Optional[ModalityLengthGrouping] = None) -> None:
         if len(rows) == 0:
             raise ValueError("the selected split holds no samples (check data.valid_fraction)")
         self.source, self.rows, self.seed, self.shuffle = source, rows, seed, shuffle
-        self.image_size = image_size
+        self.image_size, self.grouping = image_size, grouping
 
     def __len__(self) -> int:  # positions are unbounded; this is one epoch
         return len(self.rows)
 
     def __getitem__(self, position: int) -> Dict[str, Any]:
-        row = int(self.rows[position_to_item(position, len(self.rows), self.seed, self.shuffle)])
+        item = self.grouping.item(position) if self.grouping is not None else \
+            position_to_item(position, len(self.rows), self.seed, self.shuffle)
+        row = int(self.rows[item])
         return decode_sample(self.source[row], self.image_size, self.source.where(row))
 
 
@@ -187,6 +196,10 @@ class RankData:
             self.train_rows, self.valid_rows = split_indices(self.source, spec.valid_fraction)
         elif spec.format != "webdataset":
             raise ValueError(f"data.format={spec.format!r}: expected arrow or webdataset")
+        elif spec.group_by_modality_length:
+            raise ValueError("data.group_by_modality_length needs each sample's num_images and "
+                             "num_tokens before reading it; WebDataset shards are streamed. Use "
+                             "data.format=arrow (preprocess with --format arrow or both)")
 
     @property
     def num_train_samples(self) -> Optional[int]:
@@ -199,7 +212,8 @@ class RankData:
         """(batch, keys) micro-batches from the global position ``consumed_samples`` on."""
         spec = self.spec
         if spec.format == "arrow":
-            ds = ArrowPositions(self.source, self.train_rows, spec.seed, True, spec.image_size)
+            ds = ArrowPositions(self.source, self.train_rows, spec.seed, True, spec.image_size,
+                                self._grouping())
             sampler = rank_positions(consumed_samples, spec.global_batch_size,
                                      spec.samples_per_item, spec.dp_size, spec.dp_rank)
             return iter(_loader(ds, spec, batch_sampler=sampler,
@@ -207,6 +221,16 @@ class RankData:
         rank_start = consumed_samples // spec.dp_size
         stream = WebDatasetStream(spec, "train", rank_start, shuffle=True)
         return iter(_loader(stream, spec, batch_size=None))
+
+    def _grouping(self) -> Optional[ModalityLengthGrouping]:
+        spec = self.spec
+        if not spec.group_by_modality_length:
+            return None
+        rows = self.train_rows
+        return ModalityLengthGrouping(
+            np.asarray(self.source.column("num_tokens"))[rows],
+            np.asarray(self.source.column("num_images"))[rows] > 0, spec.seed,
+            spec.global_batch_size, 1 if spec.packing else spec.micro_batch_size, spec.dp_size)
 
     def valid_iterator(self) -> Iterator:
         """Validation micro-batches of this rank, always from the start (comparable curves)."""

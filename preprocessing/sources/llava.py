@@ -2,9 +2,11 @@
 
 ``image`` is a path relative to ``--image-root`` (or a list of them); entries without it are
 text-only. As LLaVA's ``preprocess_multimodal`` does, a single image's ``<image>`` tag is moved
-to the front of the first human turn (``<image>\\n`` + question), wherever the JSON put it; the
-record's meta says ``image_tag_moved`` when that changed the text. With several images the tags
-stay where they are and their count must match.
+to the front of the human turn holding it: that turn becomes ``<image>\\n`` + its text without
+the tag, stripped; every other turn is kept as written. The record's meta says
+``image_tag_moved`` when that changed the text. A single image without a tag gets one in front
+of the first human turn (``image_tag_added``; LLaVA would train on the text and ignore the
+image). With several images the tags stay where they are and their count must match.
 
 The scan streams a JSON file once and splits its records into unit files (JSON lines) under the
 job's state folder, so each worker reads only its unit instead of re-parsing a 1 GB array.
@@ -67,15 +69,19 @@ def _place_image_tags(rec: RawRecord, num_images: int) -> None:
     if tags > 1:
         rec.error = ("image_tag_mismatch", f"{tags} {IMAGE_TAG} tags for one image")
         return
-    first = next((i for i, t in enumerate(rec.turns) if t.role == "human"), None)
-    if first is None:
+    humans = [i for i, t in enumerate(rec.turns) if t.role == "human"]
+    if not humans:
         rec.error = ("bad_record", "no human turn to hold the image")
         return
-    turns = [Turn(t.role, t.text.replace(IMAGE_TAG, "").strip()) if t.role == "human" else t
-             for t in rec.turns]
-    turns[first] = Turn("human", IMAGE_TAG + "\n" + turns[first].text)
-    if turns[first].text != rec.turns[first].text:
+    at = next((i for i in humans if IMAGE_TAG in rec.turns[i].text), None)
+    if at is None:
+        at = humans[0]
+        rec.meta["image_tag_added"] = True
+    turns = list(rec.turns)
+    text = (IMAGE_TAG + "\n" + turns[at].text.replace(IMAGE_TAG, "").strip()).strip()
+    if text != turns[at].text and IMAGE_TAG in turns[at].text:
         rec.meta["image_tag_moved"] = True
+    turns[at] = Turn("human", text)
     rec.turns = turns
 
 

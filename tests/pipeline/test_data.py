@@ -168,3 +168,103 @@ def test_packed_steps_hold_the_unpacked_steps_samples(dataset, fmt):
         # 30-position samples, two to a 64-position row: three rows, one micro-batch each
         assert len(batches) == 3 and all(b.tokens.shape == (1, 64) for b in batches)
         assert all(b.packing is not None and b.num_useful_positions == 60 for b in batches)
+
+
+# -- data.group_by_modality_length -------------------------------------------------------------
+
+def _mixed_samples(n_mm: int, n_text: int) -> list:
+    """Caption samples of varied length; ``n_text`` of them without their image (text-only)."""
+    samples = make_samples(n_mm + n_text, seed=3, caption_len=(3, 20))
+    for s in samples[n_mm:]:
+        keep = s["input_ids"] != -200
+        s.update(input_ids=s["input_ids"][keep], labels=s["labels"][keep], images=[],
+                 num_images=0)
+    return samples
+
+
+@pytest.fixture(scope="module")
+def mixed_dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mixed")
+    # 24 multimodal + 12 text-only = 36 samples: epochs do not start on step boundaries (gbs 8)
+    write_dataset(str(root), _mixed_samples(24, 12), shard_size=7)
+    return root
+
+
+def modality_and_length(samples, spec):
+    """Collation stand-in: (has image, length) per sample."""
+    return [(len(s["images"]) > 0, len(s["input_ids"])) for s in samples]
+
+
+def _grouped(root, dp_rank=0, workers=0, collate=modality_and_length, **kw):
+    import dataclasses
+
+    spec = spec_for(root, "arrow", dp_size=2, dp_rank=dp_rank, workers=workers, mbs=2, gbs=8)
+    return dataclasses.replace(spec, group_by_modality_length=True, collate_fn=collate, **kw)
+
+
+def test_grouped_micro_batches_are_homogeneous_and_each_epoch_is_a_permutation(mixed_dataset):
+    steps, n = 18, 36  # four epochs
+    per_rank = [list(itertools.islice(RankData(_grouped(mixed_dataset, r)).train_iterator(0),
+                                      steps * 2)) for r in range(2)]
+    for rank in per_rank:
+        for batch, _ in rank:
+            assert len({has_image for has_image, _ in batch}) == 1, batch  # one modality
+    # the global order: each step is rank 0's slice, then rank 1's (2 micro-batches each)
+    order = [k for b in range(steps) for r in range(2)
+             for _, ks in per_rank[r][2 * b:2 * b + 2] for k in ks]
+    for epoch in range(4):
+        assert sorted(order[epoch * n:(epoch + 1) * n]) == [f"test-{i:05d}" for i in range(n)]
+    assert order[:n] != order[n:2 * n]  # a new grouping per epoch
+    # lengths sorted within a step (longest first within each rank's slice of the step)
+    lengths = [length for batch, _ in per_rank[0][2:4] for _, length in batch]
+    assert lengths == sorted(lengths, reverse=True)
+
+
+def test_grouping_resumes_bitwise_and_composes_with_workers_and_packing(mixed_dataset):
+    import dataclasses
+
+    spec = _grouped(mixed_dataset, collate=None)
+    full = list(itertools.islice(RankData(spec).train_iterator(0), 20))
+    resumed = list(itertools.islice(
+        RankData(dataclasses.replace(spec, num_workers=2)).train_iterator(24), 14))
+    for (a, ka), (b, kb) in zip(full[6:], resumed):  # 24 samples = 3 steps = 6 micro-batches
+        assert ka == kb
+        for field in ("tokens", "labels", "image_token_mask", "images"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), field
+    # packing: a loader item is a rank's step; the step's samples (over both ranks) are the
+    # unpacked step's, dealt to the ranks one by one instead of by micro-batch
+    other = list(itertools.islice(RankData(_grouped(mixed_dataset, 1, collate=None)).train_iterator(0), 10))
+    steps_seen: list = []
+    for r in range(2):
+        packed = dataclasses.replace(_grouped(mixed_dataset, r, collate=None), packing=True,
+                                     micro_batch_size=1)
+        for step, (batches, keys_) in enumerate(itertools.islice(RankData(packed).train_iterator(0), 5)):
+            if r == 0:
+                step_keys = [k for _, ks in full[2 * step:2 * step + 2] + other[2 * step:2 * step + 2]
+                             for k in ks]
+                steps_seen.append(set(step_keys))
+            assert set(keys_) <= steps_seen[step] and len(keys_) == 4
+            has_image = {bool(b.image_token_mask.any()) for b in batches}
+            assert len(has_image) == 1  # every packed micro-batch of the step: one modality
+
+
+def test_grouping_mixes_at_most_one_micro_batch_per_epoch_and_refuses_webdataset(dataset):
+    import dataclasses
+
+    from pipeline.data.order import ModalityLengthGrouping, rank_positions
+
+    rng = np.random.default_rng(0)
+    n, mm = 50, np.zeros(50, bool)
+    mm[rng.permutation(50)[:25]] = True  # 25 multimodal: the partial mega-batch is odd-sized
+    order = ModalityLengthGrouping(rng.integers(5, 500, n), mm, seed=1, global_batch_size=8,
+                                   unit=2, dp_size=2)
+    mixed = []
+    for r in range(2):
+        it = rank_positions(0, 8, 2, 2, r)
+        for _ in range(4 * n // 8 * 2):
+            pos = next(it)
+            if len({mm[order.item(p)] for p in pos}) > 1:
+                mixed.append(pos[0] // n)
+    assert len(mixed) == len(set(mixed)) <= 4  # never two in one epoch
+    with pytest.raises(ValueError, match="data.group_by_modality_length.*WebDataset.*format=arrow"):
+        RankData(dataclasses.replace(spec_for(dataset, "webdataset"), group_by_modality_length=True))

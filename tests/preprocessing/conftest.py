@@ -28,6 +28,7 @@ _stop = stop_process
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> str:
+    """The Mistral tokenizer as HF repositories ship it: tokenizer.json + tokenizer.model."""
     return str(build_mistral_hf_tokenizer(tmp_path_factory.mktemp("tok") / "mistral"))
 
 

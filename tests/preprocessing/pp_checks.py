@@ -117,7 +117,7 @@ def render_ids(ids: np.ndarray, tok) -> str:
 
 
 def supervised_runs(s: dict, tok) -> list[str]:
-    """Decoded text of each maximal run of supervised tokens (EOS spelled ``</s>``)."""
+    """Decoded text of each maximal run of supervised tokens (a final EOS spelled ``</s>``)."""
     runs, cur = [], []
     for t, l in zip(s["input_ids"], s["labels"]):
         if l != IGNORE_INDEX:
@@ -127,8 +127,8 @@ def supervised_runs(s: dict, tok) -> list[str]:
             cur = []
     if cur:
         runs.append(cur)
-    return [tok.decode(r[:-1], clean_up_tokenization_spaces=False) + ("</s>" if r[-1] == tok.eos_token_id else "?")
-            for r in runs]
+    return [tok.decode(r[:-1], clean_up_tokenization_spaces=False) + "</s>" if r[-1] == tok.eos_token_id
+            else tok.decode(r, clean_up_tokenization_spaces=False) for r in runs]
 
 
 def check_output(out: str, expected: dict[str, str], tok, formats=("webdataset",)) -> dict[str, dict]:

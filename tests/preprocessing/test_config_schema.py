@@ -37,6 +37,20 @@ def test_alias_and_runtime_fields_do_not_change_the_fingerprint():
     assert a.fingerprint() != PreprocessConfig(**BASE, template="mistral").fingerprint()
 
 
+def test_llava_stage_defaults_and_named_deviations(tmp_path):
+    plain, chat = PreprocessConfig(**BASE), PreprocessConfig(**{**BASE, "template": "vicuna_v1"})
+    assert (plain.image_mode, chat.image_mode) == ("crop", "pad")  # LLaVA-1.5 square / pad
+    assert (plain.plain_eos, plain.exif_transpose, plain.jpeg_draft) == (False, False, False)
+    assert plain.tokenizer_backend == "fast"  # the folder "t" holds no tokenizer.model
+    assert plain.content_dict()["image_mode"] == "crop"  # recorded resolved in the manifest
+    with pytest.raises(ValueError, match="config field 'plain_eos'"):
+        PreprocessConfig(**{**BASE, "template": "mistral", "plain_eos": True})
+    with pytest.raises(ValueError, match="config field 'tokenizer_backend'.*no tokenizer.model"):
+        PreprocessConfig(**{**BASE, "tokenizer": str(tmp_path), "tokenizer_backend": "sentencepiece"})
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    assert PreprocessConfig(**{**BASE, "tokenizer": str(tmp_path)}).tokenizer_backend == "sentencepiece"
+
+
 def test_cli_args_map_to_config():
     cfg = config_from_args(["--source", "laion", "--input", "a.tar", "a.parquet", "--tokenizer",
                             "t", "--output", "o", "--format", "both", "--no-dedup",
@@ -54,6 +68,7 @@ def test_help_documents_every_option():
     assert res.returncode == 0
     for opt in ("--source", "--input", "--image-root", "--tokenizer", "--template", "--output",
                 "--format", "--image-size", "--image-mode", "--max-seq-len", "--samples-per-shard",
+                "--plain-eos", "--exif-transpose", "--jpeg-draft", "--tokenizer-backend", "--overlong",
                 "--s3-endpoint", "build-tokenizer", "ray job submit"):
         assert opt in res.stdout
 

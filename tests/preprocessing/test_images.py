@@ -1,8 +1,10 @@
-"""Image normalisation: every odd mode to RGB at the vision size, pad colour, EXIF, rejects."""
+"""Image normalisation: every odd mode to RGB at the vision size, pad colour, EXIF, rejects.
+(Pixel equality with LLaVA's image path: test_llava_parity.py.)"""
 
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -39,15 +41,21 @@ def test_pad_uses_clip_mean_and_keeps_aspect():
     assert np.abs(arr[2, 28] - (255, 0, 0)).max() <= 6  # squashed: no padding
 
 
-def test_exif_orientation_is_applied():
+def test_pad_colour_is_llavas_truncated_clip_mean():
+    assert PAD_COLOR == (122, 116, 104)  # LLaVA: tuple(int(x * 255) for x in image_mean)
+
+
+def test_exif_orientation_only_on_request():
     im = Image.new("RGB", (120, 60), (0, 0, 255))  # landscape; rotated 90 deg it is portrait
     exif = Image.Exif()
     exif[0x0112] = 6
     buf = io.BytesIO()
     im.save(buf, "JPEG", exif=exif)
-    arr = _decode(process_image(buf.getvalue(), S))
+    arr = _decode(process_image(buf.getvalue(), replace(S, exif_transpose=True)))
     assert np.abs(arr[28, 2] - PAD_COLOR).max() <= 6  # padding left/right, not top/bottom
     assert np.abs(arr[2, 28] - (0, 0, 255)).max() <= 8
+    arr = _decode(process_image(buf.getvalue(), S))  # LLaVA's PIL path ignores EXIF
+    assert np.abs(arr[2, 28] - PAD_COLOR).max() <= 6 and np.abs(arr[28, 2] - (0, 0, 255)).max() <= 8
 
 
 def test_16_bit_greyscale_is_rescaled_not_clipped():

@@ -29,19 +29,21 @@ def _llava_entries(demo) -> dict[str, dict]:
 
 
 def _expected_llava(entry: dict, template: str) -> tuple[str, list[str]]:
-    """The rendered conversation, written independently of preprocessing.templates."""
+    """(rendered conversation, supervised runs), written independently of preprocessing: LLaVA
+    moves the one image tag to the front of its turn; every other text is used as written."""
     turns = [(t["from"], t["value"]) for t in entry["conversations"]]
-    if "image" in entry:  # LLaVA: the one image goes to the front of the first human turn
-        turns = [(r, v.replace("<image>", "").strip()) for r, v in turns]
-        turns[0] = ("human", "<image>\n" + turns[0][1])
-    answers = [v.strip() for r, v in turns if r == "gpt"]
-    qs = [v.strip() for r, v in turns if r == "human"]
+    if "image" in entry:
+        turns = [(r, ("<image>\n" + v.replace("<image>", "").strip()).strip() if "<image>" in v
+                  else v) for r, v in turns]
+    answers = [v for r, v in turns if r == "gpt"]
+    qs = [v for r, v in turns if r == "human"]
     if template == "plain":
-        return "<s>" + "<image>" * ("image" in entry) + answers[0] + "</s>", answers
+        return "<s>" + "<image>" * ("image" in entry) + answers[0] + "\n", [answers[0] + "\n"]
+    runs = [a + "</s>" for a in answers]
     if template == "vicuna_v1":
         body = "".join(f"USER: {q} ASSISTANT: {a}</s>" for q, a in zip(qs, answers))
-        return f"<s>{VICUNA_SYSTEM} {body}", answers
-    return "<s>" + "".join(f"[INST] {q} [/INST] {a}</s>" for q, a in zip(qs, answers)), answers
+        return f"<s>{VICUNA_SYSTEM} {body}", runs
+    return "<s>" + "".join(f"[INST] {q} [/INST]{a}</s>" for q, a in zip(qs, answers)), runs
 
 
 def test_laion_ray_job_submit(ray_head, demo, tokenizer_dir, tok, tmp_path):
@@ -55,10 +57,13 @@ def test_laion_ray_job_submit(ray_head, demo, tokenizer_dir, tok, tmp_path):
     assert res.returncode == 0 and "succeeded" in res.stdout, res.stdout[-4000:] + res.stderr[-4000:]
     assert "samples written" in res.stdout  # the final summary reached the job log
     samples = check_output(str(out), demo.laion_expected, tok, formats=("webdataset", "arrow"))
+    manifest = json.loads((out / "manifest.json").read_text())  # LLaVA-1.5 stage-1 choices
+    assert (manifest["image_mode"], manifest["config"]["tokenizer_backend"],
+            manifest["config"]["plain_eos"]) == ("crop", "sentencepiece", False)
     for sid, s in samples.items():
         caption = json.loads(s["meta"])["caption"]
-        assert render_ids(s["input_ids"], tok) == f"<s><image>{caption}</s>"
-        assert supervised_runs(s, tok) == [caption + "</s>"]
+        assert render_ids(s["input_ids"], tok) == f"<s><image>{caption}\n"
+        assert supervised_runs(s, tok) == [caption + "\n"]  # LLaVA's preprocess_plain: no EOS
         assert s["input_ids"][1] == -200  # the image sits right after BOS
 
 
@@ -69,9 +74,9 @@ def _llava_checks(out, demo, tok, template):
     samples = check_output(str(out), expected, tok)
     entries = _llava_entries(demo)
     for sid, s in samples.items():
-        text, answers = _expected_llava(entries[sid], template)
+        text, runs = _expected_llava(entries[sid], template)
         assert render_ids(s["input_ids"], tok) == text, sid
-        assert supervised_runs(s, tok) == [a + "</s>" for a in answers], sid
+        assert supervised_runs(s, tok) == runs, sid
     moved = json.loads(samples["multi.turn/1"]["meta"]) if "multi.turn/1" in samples else {}
     assert template == "plain" or moved.get("image_tag_moved") is True
 

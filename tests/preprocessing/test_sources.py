@@ -54,6 +54,21 @@ def test_llava_moves_a_single_image_tag_to_the_front(tmp_path):
     assert rec.images == [b"x"]
 
 
+def test_llava_image_tag_handling_follows_preprocess_multimodal(tmp_path):
+    """Only the turn holding the tag is rewritten (LLaVA strips it); a missing tag is added."""
+    (tmp_path / "i.jpg").write_bytes(b"x")
+    conv = [{"from": "human", "value": " Hi  "}, {"from": "gpt", "value": " A. "},
+            {"from": "human", "value": "And this <image>? "}, {"from": "gpt", "value": "B"}]
+    no_tag = [{"from": "human", "value": "Hi "}, {"from": "gpt", "value": "A"}]
+    lines = [{"id": "1", "image": "i.jpg", "conversations": conv},
+             {"id": "2", "image": "i.jpg", "conversations": no_tag}]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    later, added = llava.read_unit(str(tmp_path / "r.jsonl"), 0, str(tmp_path), "x.json")
+    assert [t.text for t in later.turns] == [" Hi  ", " A. ", "<image>\nAnd this ?", "B"]
+    assert [t.text for t in added.turns] == ["<image>\nHi", "A"]
+    assert added.meta["image_tag_added"] and "image_tag_moved" not in added.meta
+
+
 @pytest.mark.parametrize("chunk_bytes", [1, 3, 64, 1 << 22])
 def test_streaming_json_array_matches_json_load(chunk_bytes):
     import io

@@ -1,4 +1,5 @@
-"""Templates and label masks on the real Mistral tokenizer; mismatch detection on stubs."""
+"""Templates and label masks on the real Mistral tokenizer; mismatch detection on stubs.
+(Token-for-token equality with LLaVA's own code: test_llava_parity.py.)"""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 
 from tests.preprocessing.pp_checks import render_ids, supervised_runs
 from preprocessing.schema import IGNORE_INDEX, IMAGE_TOKEN_ID
+from preprocessing.legacy_tokenizer import load_text_tokenizer
 from preprocessing.templates import VICUNA_SYSTEM, TemplateError, Turn, tokenize
 from preprocessing.tokenizer import load_tokenizer
 
@@ -18,6 +20,12 @@ def tok(tokenizer_dir):
     return load_tokenizer(tokenizer_dir)
 
 
+@pytest.fixture(scope="module")
+def sp(tokenizer_dir):
+    """What the pipeline encodes with: the folder's SentencePiece model (LLaVA's slow path)."""
+    return load_text_tokenizer(tokenizer_dir, "auto")
+
+
 def _sample(t):
     return {"input_ids": t.input_ids, "labels": t.labels}
 
@@ -25,24 +33,37 @@ def _sample(t):
 @pytest.mark.parametrize("template,text", [
     ("vicuna_v1", f"<s>{VICUNA_SYSTEM} USER: <image>\nWhat is shown? ASSISTANT: A cat, asleep.  "
                   "Really!</s>USER: Colour? ASSISTANT: Orange\nand white.</s>"),
-    ("mistral", "<s>[INST] <image>\nWhat is shown? [/INST] A cat, asleep.  Really!</s>"
-                "[INST] Colour? [/INST] Orange\nand white.</s>"),
+    ("mistral", "<s>[INST] <image>\nWhat is shown? [/INST]A cat, asleep.  Really!</s>"
+                "[INST] Colour? [/INST]Orange\nand white.</s>"),
 ])
-def test_chat_templates_supervise_exactly_the_answers(tok, template, text):
-    t = tokenize(template, CONV, tok)
+def test_chat_templates_supervise_exactly_the_answers(tok, sp, template, text):
+    t = tokenize(template, CONV, sp)
     assert render_ids(t.input_ids, tok) == text
     assert supervised_runs(_sample(t), tok) == ["A cat, asleep.  Really!</s>", "Orange\nand white.</s>"]
     assert t.num_images == 1 and t.labels[t.input_ids == IMAGE_TOKEN_ID] == IGNORE_INDEX
     assert t.input_ids[0] == tok.bos_token_id and t.labels[0] == IGNORE_INDEX
 
 
-def test_plain_is_image_then_caption(tok):
-    t = tokenize("plain", [Turn("human", "<image>\nignored prompt"), Turn("gpt", " A red bus. ")], tok)
-    assert render_ids(t.input_ids, tok) == "<s><image>A red bus.</s>"
+def test_lone_space_before_an_answer_is_supervised_as_in_llava(sp):
+    """"ASSISTANT: 1. tree" tokenizes ':' '▁' '1' ...: LLaVA's "-2" leaves the '▁' a label."""
+    t = tokenize("vicuna_v1", [Turn("human", "How many?"), Turn("gpt", "1. tree")], sp)
+    supervised = t.input_ids[t.labels != IGNORE_INDEX].tolist()
+    assert supervised == [28705, 28740, 28723, 4718, 2]
+    assert t.input_ids[t.labels == IGNORE_INDEX][-1] == 28747  # ':' is the last prompt token
+
+
+def test_plain_is_image_caption_newline(tok, sp):
+    turns = [Turn("human", "<image>\nignored prompt"), Turn("gpt", " A red bus. ")]
+    t = tokenize("plain", turns, sp)
+    assert render_ids(t.input_ids, tok) == "<s><image> A red bus. \n"
     assert list(t.input_ids[:2]) == [tok.bos_token_id, IMAGE_TOKEN_ID]
-    assert supervised_runs(_sample(t), tok) == ["A red bus.</s>"]
+    assert t.input_ids[-1] == 13 and tok.eos_token_id not in t.input_ids  # "\n", no EOS
+    assert supervised_runs(_sample(t), tok) == [" A red bus. \n"]
+    eos = tokenize("plain", turns, sp, plain_eos=True)
+    assert render_ids(eos.input_ids, tok) == "<s><image> A red bus. </s>"
+    assert supervised_runs(_sample(eos), tok) == [" A red bus. </s>"]
     with pytest.raises(TemplateError) as e:
-        tokenize("plain", CONV, tok)
+        tokenize("plain", CONV, sp)
     assert e.value.reason == "template_incompatible"
 
 
@@ -50,12 +71,22 @@ def test_plain_is_image_then_caption(tok):
     ([Turn("gpt", "hi"), Turn("human", "x")], "bad_record"),
     ([Turn("human", "q")], "bad_record"),
     ([Turn("human", "q"), Turn("gpt", "  ")], "bad_record"),
+    ([Turn("human", " "), Turn("gpt", "a")], "bad_record"),
     ([Turn("human", "q"), Turn("gpt", "see <image>")], "image_tag_mismatch"),
+    ([Turn("human", "q"), Turn("gpt", "a</s>b")], "special_token_in_text"),
+    ([Turn("human", "q"), Turn("gpt", "it said ASSISTANT: hi")], "tokenization_mismatch"),
 ])
-def test_malformed_conversations(tok, turns, reason):
+def test_malformed_conversations(sp, turns, reason):
     with pytest.raises(TemplateError) as e:
-        tokenize("vicuna_v1", turns, tok)
+        tokenize("vicuna_v1", turns, sp)
     assert e.value.reason == reason
+
+
+def test_mistral_answer_merging_with_the_prompt_is_rejected(sp):
+    # "[/INST]" + ". x" tokenizes "]." : no token boundary between prompt and answer
+    with pytest.raises(TemplateError) as e:
+        tokenize("mistral", [Turn("human", "q"), Turn("gpt", ". x")], sp)
+    assert e.value.reason == "tokenization_mismatch" and "spans prompt and answer" in e.value.detail
 
 
 class _CharTokenizer:
