@@ -30,7 +30,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterable, Iterator, Optional
 
 BIN = Path(sys.executable).parent
 
@@ -42,10 +42,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def free_port_range(count: int) -> int:
-    """The first of ``count`` consecutive ports free on 127.0.0.1 (Ray's worker port range)."""
+def free_port_range(count: int, avoid: Iterable[int] = ()) -> int:
+    """The first of ``count`` consecutive ports free on 127.0.0.1 (Ray's worker port range),
+    none of them in ``avoid`` (ports already handed to other components: Ray refuses overlaps)."""
+    avoid = set(avoid)
     for _ in range(50):
         base = random.randint(20000, 40000)
+        if avoid.intersection(range(base, base + count)):
+            continue
         socks = []
         try:
             for port in range(base, base + count):
@@ -144,7 +148,7 @@ class LocalRayHead:
         ray_temp = os.path.join(self.temp, "ray")
         self.env = {k: v for k, v in env.items() if k not in _FOREIGN_RAY_VARS}
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=self.token_path)
-        gcs, dashboard, workers = free_port(), free_port(), free_port_range(64)
+        gcs, dashboard = free_port(), free_port()
         self.address = f"127.0.0.1:{gcs}"
         self.dashboard = f"http://127.0.0.1:{dashboard}"
         ports = dict(port=gcs, dashboard_port=dashboard)
@@ -152,6 +156,7 @@ class LocalRayHead:
                      "dashboard_agent_listen_port", "dashboard_agent_grpc_port",
                      "metrics_export_port", "runtime_env_agent_port"):
             ports[name] = free_port()
+        workers = free_port_range(64, avoid=ports.values())
         cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--num-cpus={num_cpus}",
                "--dashboard-host=127.0.0.1", "--disable-usage-stats", f"--temp-dir={ray_temp}",
                f"--min-worker-port={workers}", f"--max-worker-port={workers + 63}",

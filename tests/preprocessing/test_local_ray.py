@@ -88,3 +88,13 @@ def test_preprocess_without_a_cluster_starts_a_private_ray(tmp_path, demo, token
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert (out / "manifest.json").exists()
     assert not (home / ".ray").exists()
+
+
+def test_worker_port_range_avoids_the_ports_of_other_components():
+    """Ray refuses a head whose worker port range holds a port given to another component."""
+    from preprocessing.local_ray import free_port_range
+
+    taken = set(range(20000, 30000))
+    for _ in range(20):
+        base = free_port_range(64, avoid=taken)
+        assert not taken.intersection(range(base, base + 64))
