@@ -45,7 +45,7 @@ setup(
     version=VERSION,
     description="Distributed pretraining of VW-LMM (visual words) on megatron-core",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_vwlmm*", "pipeline*", "preprocessing*"]),
+    packages=find_packages(include=["megatron_vwlmm*", "pipeline*", "preprocessing*", "vwlmm_data*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={

@@ -40,11 +40,11 @@ from pipeline.data.synthetic import make_samples, write_dataset  # noqa: E402
 # A decoder whose layers dominate the step, as a 7B decoder's do (the tiny preset's 64-wide
 # layers are dwarfed by its 32000-way heads): 256 wide, 4 layers, GQA, a 2048-token vocabulary
 # (the synthetic captions use ids < 1000), rows of 224 with 64-patch images.
-CPU_MODEL = ["model.overrides.decoder.seq_length=224", "model.overrides.decoder.hidden_size=256",
-             "model.overrides.decoder.ffn_hidden_size=688",
-             "model.overrides.decoder.num_attention_heads=8",
-             "model.overrides.decoder.num_query_groups=2", "model.overrides.decoder.vocab_size=2048",
-             "model.overrides.vision.image_size=64", "model.overrides.freeze_decoder=true",
+CPU_MODEL = ["model.decoder.seq_length=224", "model.decoder.hidden_size=256",
+             "model.decoder.ffn_hidden_size=688",
+             "model.decoder.num_attention_heads=8",
+             "model.decoder.num_query_groups=2", "model.decoder.vocab_size=2048",
+             "model.vision.image_size=64", "model.freeze_decoder=true",
              "parallel.tp=1", "parallel.pp=1", "data.num_workers=1"]
 PACKED = ["data.packing=true", "optim.loss_normalization=per_token"]
 
@@ -119,9 +119,9 @@ def gpu(args) -> dict:
             gbs * ((args.steps or steps) + 1), image_size=image, seed=1, caption_len=captions),
             shard_size=64, image_size=image, num_patches=patches, formats=("arrow",),
             max_seq_len=rows, vocab_size=vocab))
-        variants = {f"{shape}-padded-unfused": ["model.overrides.attention_backend=unfused"],
-                    f"{shape}-padded-sdpa": ["model.overrides.attention_backend=sdpa"],
-                    f"{shape}-packed-sdpa": ["model.overrides.attention_backend=sdpa", *PACKED]}
+        variants = {f"{shape}-padded-unfused": ["model.attention_backend=unfused"],
+                    f"{shape}-padded-sdpa": ["model.attention_backend=sdpa"],
+                    f"{shape}-packed-sdpa": ["model.attention_backend=sdpa", *PACKED]}
         if shape != "stage1":
             variants.pop(f"{shape}-padded-unfused")  # device time: the old path once
         results.update(compare(tmp, data, base, variants, warmup=2))

@@ -4,7 +4,7 @@ floor    one process, no Ray, no I/O: Pillow decode + pad/resize + JPEG encode +
          image bytes already in memory (the least work any pipeline must do per sample);
 full     `preprocessing.runner.run` on LAION-style tars + parquet (scan, global dedup, decode,
          tokenize, WebDataset shards, manifest), with 1 and then 2 workers, on warm Ray workers.
-Targets (issue 3): full per core >= 0.7 x floor; 2 workers >= 1.8 x 1 worker.
+Targets: full per core >= 0.7 x floor; 2 workers >= 1.8 x 1 worker.
 
     python benchmarks/preprocess_throughput.py [--samples-per-tar 150] [--image-side 512]
 """
@@ -28,6 +28,7 @@ from preprocessing.images import process_image
 from preprocessing.local_ray import private_local_ray
 from preprocessing.templates import IMAGE_TAG, Turn, tokenize
 from preprocessing.tokenizer import build_mistral_hf_tokenizer, load_tokenizer
+from vwlmm_data.contract import MANIFEST_NAME, REJECTS_NAME
 
 
 def _tar_samples(tars: list[Path]) -> list[tuple[bytes, str]]:
@@ -61,7 +62,7 @@ def full(cfg: PreprocessConfig):
     from preprocessing.runner import run
 
     summary = run(cfg)
-    n = summary.manifest["num_samples"]
+    n = summary.manifest.num_samples
     return n / summary.seconds, n / max(summary.task_cpu_seconds, 1e-9), n
 
 
@@ -102,7 +103,7 @@ def main() -> None:
                   f"{cpu_rates[n]:.1f} samples per task CPU-second ({count} samples)",
                   flush=True)
     same = all((work / "out1" / f).read_bytes() == (work / "out2" / f).read_bytes()
-               for f in ("manifest.json", "rejects.jsonl"))
+               for f in (MANIFEST_NAME, REJECTS_NAME))
     figures = {
         "floor_samples_per_s_per_core": round(floor_rate, 2),
         "full_1_worker_samples_per_s": round(rates[1], 2),

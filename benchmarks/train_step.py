@@ -32,11 +32,11 @@ from megatron_vwlmm.parallel.launch import find_free_port  # noqa: E402
 from pipeline.data.synthetic import make_samples, write_dataset  # noqa: E402
 
 GPU_1B = [  # ~1.0B decoder parameters (embeddings + LM/VM heads included: ~1.13B)
-    "model.preset=vicuna-7b", "model.overrides.decoder.num_layers=16",
-    "model.overrides.decoder.hidden_size=2048", "model.overrides.decoder.ffn_hidden_size=5632",
-    "model.overrides.decoder.num_attention_heads=16",
-    "model.overrides.decoder.num_query_groups=16", "model.overrides.decoder.seq_length=2048",
-    "model.overrides.freeze_decoder=false", "model.overrides.transformer_impl=auto",
+    "model.preset=vicuna-7b", "model.decoder.num_layers=16",
+    "model.decoder.hidden_size=2048", "model.decoder.ffn_hidden_size=5632",
+    "model.decoder.num_attention_heads=16",
+    "model.decoder.num_query_groups=16", "model.decoder.seq_length=2048",
+    "model.freeze_decoder=false", "model.transformer_impl=auto",
     "precision.bf16=true", "parallel.tp=1", "parallel.pp=1",
 ]
 
@@ -72,13 +72,15 @@ def loader_rate(data: Path, workers: int, mbs: int, seq_length: int, num_patches
                 image_size: int, n_microbatches: int) -> float:
     """samples/s of one rank's loader with the model's collation (first batch not timed)."""
     from pipeline.data.loader import LoaderSpec, RankData
-    from pipeline.data.manifest import load_manifest, select_shards
+    from pipeline.validate import load_manifest, select_shards
+    from vwlmm_data.storage import S3Options
 
-    shards = select_shards(load_manifest(str(data)), str(data), "arrow")
+    manifest = load_manifest(str(data), S3Options())
+    shards = select_shards(manifest, str(data), "arrow")
     spec = LoaderSpec(shards=tuple(shards), format="arrow", micro_batch_size=mbs,
                       global_batch_size=mbs, dp_size=1, dp_rank=0, seed=1,
                       seq_length=seq_length, num_patches=num_patches, image_size=image_size,
-                      pad_token_id=0, num_workers=workers)
+                      pad_token_id=0, vision=manifest.vision, num_workers=workers)
     it = RankData(spec).train_iterator(0)
     next(it)
     t0 = time.perf_counter()

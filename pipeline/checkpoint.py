@@ -1,36 +1,46 @@
 """Megatron dist-checkpointing (torch_dist) saves that survive preemption and reshard on load.
 
-Layout under the checkpoint folder::
-
-    iter_0000120/        one complete checkpoint (renamed into place only once complete)
-    iter_0000140.tmp/    a save in progress (or killed midway: ignored and removed later)
-    latest               the name of the newest complete checkpoint (atomic rename)
-
-Each checkpoint holds the model (per TP/PP shard, reshardable), the optimizer (distributed
+The folder layout, the crash-safe commit and the pruning policy are
+``megatron_vwlmm/checkpoint/layout.py``'s; this module writes and reads what goes inside a
+checkpoint. Each holds the model (per TP/PP shard, reshardable), the optimizer (distributed
 optimizer in the fully-reshardable model-space format), the LR scheduler, every rank's RNG
-states, the data position (consumed samples), the layout and the run's config. Loading into a
-different TP/PP layout works for model and optimizer; RNG states are then re-seeded (they are
-per-rank and have no meaning in another layout).
+states, the data position (consumed samples), the layout, the run's config, and the resolved
+model config and weight provenance (``megatron_vwlmm/checkpoint/metadata.py``) that exports
+read. Loading into a different TP/PP layout works for model and optimizer; RNG states are then
+re-seeded (they are per-rank and have no meaning in another layout).
+
+Provenance: a run that starts from an import (``model.init_from``) records the import's
+provenance in every checkpoint and copies its vision tail into each, and a resumed run takes
+both from the checkpoint it resumes, so ``vwlmm-convert export`` of any checkpoint finds the
+HF source, the tokenizer and the whole vision tower.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import random
 import shutil
 import signal
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_vwlmm.convert.megatron_io import config_to_dict
-
-LATEST = "latest"
-_PREFIX = "iter_"
+from megatron_vwlmm.checkpoint import layout
+from megatron_vwlmm.checkpoint.layout import Marker, latest_checkpoint, list_checkpoints
+from megatron_vwlmm.checkpoint.metadata import (
+    CONFIG_KEY,
+    PROVENANCE_KEY,
+    Provenance,
+    config_to_dict,
+)
+from pipeline.config import ConfigError
 
 
 @dataclass
@@ -42,10 +52,6 @@ class TrainState:
     saved_layout: Optional[Dict[str, int]] = None  # layout of the checkpoint it came from
 
 
-def _name(iteration: int) -> str:
-    return f"{_PREFIX}{iteration:07d}"
-
-
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -53,29 +59,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def latest_checkpoint(root: Path) -> Optional[Path]:
-    """The checkpoint ``latest`` names, or None; a marker naming a missing folder is an error."""
-    marker = Path(root) / LATEST
-    if not marker.exists():
-        return None
-    name = marker.read_text().strip()
-    path = Path(root) / name
-    if not path.is_dir():
-        raise FileNotFoundError(f"{marker} names {name!r}, which does not exist; the checkpoint "
-                                "folder was modified by hand")
-    return path
-
-
-def list_checkpoints(root: Path) -> List[Path]:
-    """Complete checkpoints, oldest first (``.tmp`` folders excluded)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir()
-             if p.is_dir() and p.name.startswith(_PREFIX) and not p.name.endswith(".tmp")]
-    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
 
 
 def _rng_object(layout: Dict[str, int]):
@@ -232,6 +215,49 @@ def _load_optimizer(optimizer, state: Dict[str, Any]) -> None:
                 param_state["step"] = param_state["step"].clone()
 
 
+@contextlib.contextmanager
+def _staging_folder_expected() -> Iterator[None]:
+    """Silence megatron's "Overwriting old incomplete / corrupted checkpoint" warning: the
+    staging folder it saves into always holds our marker already (``layout.stage``)."""
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "Overwriting old incomplete" not in record.getMessage()
+
+    logger = logging.getLogger("megatron.core.dist_checkpointing.serialization")
+    drop = _Drop()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def plan_resume(root: Path, auto_resume: bool) -> Optional[Path]:
+    """The checkpoint to resume from (None: a new run), or ConfigError for a folder whose
+    state leaves it ambiguous. Reads only; call after ``layout.recover``.
+
+    A new run beside existing checkpoints needs ``checkpoint.auto_resume=false``; they are
+    then never pruned by it (``layout.prune``), except that saving the same iteration replaces
+    one (only if vwlmm wrote it).
+    """
+    latest = latest_checkpoint(root)
+    existing = list_checkpoints(root)
+    if auto_resume and latest is None and existing:
+        raise ConfigError(
+            f"checkpoint.dir={root}: holds checkpoints ({existing[0].name}..{existing[-1].name}) "
+            f"but no `{layout.LATEST}` naming the one to resume; write its name into "
+            f"{root / layout.LATEST}, or set checkpoint.auto_resume=false to start a new run "
+            "beside them, or use another checkpoint.dir")
+    if auto_resume:
+        return latest
+    if existing and _rank() == 0:
+        print(f"[vwlmm-train] checkpoint.auto_resume=false: a new run in {root}, beside "
+              f"{len(existing)} existing checkpoint(s) ({existing[0].name}..{existing[-1].name});"
+              " this run never prunes them, and replaces one only by saving the same iteration",
+              flush=True)
+    return None
+
+
 class CheckpointManager:
     """Save / load / prune checkpoints of one run; every rank calls every method."""
 
@@ -241,71 +267,79 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.config_dict = config_dict
         self.fault_kill_during_save = fault_kill_during_save
+        # The run's identity in the checkpoint markers (pruning stays within it); a resumed
+        # run takes it from its checkpoint. Only rank 0 writes markers.
+        self.run_id = uuid.uuid4().hex
+        self.provenance = Provenance()
+        self._vision_tail: Optional[Path] = None  # the file the next save copies
         install_checkpoint_queue()
+
+    def resume_point(self, auto_resume: bool) -> Optional[Path]:
+        """Finish what a killed save left (rank 0), then ``plan_resume``."""
+        if _rank() == 0:
+            for note in layout.recover(self.root):
+                print(f"[vwlmm-train] warning: {note}", flush=True)
+        _barrier()
+        return plan_resume(self.root, auto_resume)
 
     # ---------------------------------------------------------------- save
     def save(self, state: TrainState, model_chunks, optimizer, scheduler) -> Path:
         """Write a complete checkpoint for ``state.iteration``, then move ``latest`` to it."""
         from megatron.core import dist_checkpointing
 
-        final = self.root / _name(state.iteration)
-        tmp = self.root / (final.name + ".tmp")
+        tmp = self.root / (layout.checkpoint_name(state.iteration) + layout.STAGING_SUFFIX)
         if _rank() == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that was killed
-            tmp.mkdir()
+            layout.stage(self.root, Marker(self.run_id, state.iteration))
         _barrier()
-        layout = current_layout()
+        layout_now = current_layout()
         model_sd = _model_sharded(model_chunks)
         sharded = dict(model_sd)
         sharded["optimizer"] = optimizer.sharded_state_dict(
             _flat_model_sd(model_sd),
             metadata={"distrib_optim_sharding_type": "fully_reshardable"})
-        sharded["rng_state"] = _rng_object(layout)
+        sharded["rng_state"] = _rng_object(layout_now)
         sharded["scheduler"] = scheduler.state_dict()
         sharded["train_state"] = {"iteration": state.iteration,
                                   "consumed_samples": state.consumed_samples}
-        sharded["layout"] = layout
+        sharded["layout"] = layout_now
         sharded["config"] = self.config_dict
-        # The exact model config, so export needs no trainer code to rebuild the model.
-        sharded["vwlmm_config"] = config_to_dict(_unwrap(model_chunks[0]).vwlmm_config)
-        dist_checkpointing.save(sharded, str(tmp), sharded_strategy=("torch_dist", 1))
+        # The exact model config and where the weights came from: exports need no trainer code.
+        sharded[CONFIG_KEY] = config_to_dict(_unwrap(model_chunks[0]).vwlmm_config)
+        sharded[PROVENANCE_KEY] = self.provenance.to_dict()
+        with _staging_folder_expected():
+            dist_checkpointing.save(sharded, str(tmp), sharded_strategy=("torch_dist", 1))
         if self.fault_kill_during_save == state.iteration:
             # Failure injection: the shard files exist but the save never committed.
             os.kill(os.getpid(), signal.SIGKILL)
         _barrier()
+        final = self.root / layout.checkpoint_name(state.iteration)
         if _rank() == 0:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            marker_tmp = self.root / (LATEST + ".tmp")
-            with open(marker_tmp, "w") as f:
-                f.write(final.name + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(marker_tmp, self.root / LATEST)
-            self._prune()
+            if self._vision_tail is not None:
+                shutil.copyfile(self._vision_tail, tmp / layout.VISION_TAIL_FILE)
+            layout.commit(self.root, tmp)
+            layout.prune(self.root, final, self.keep_last)
+        if self._vision_tail is not None:
+            self._vision_tail = final / layout.VISION_TAIL_FILE
         _barrier()
         return final
 
-    def _prune(self) -> None:
-        keep = list_checkpoints(self.root)[-self.keep_last:]
-        for path in list_checkpoints(self.root):
-            if path not in keep:
-                shutil.rmtree(path, ignore_errors=True)
-        for path in self.root.glob(f"{_PREFIX}*.tmp"):
-            shutil.rmtree(path, ignore_errors=True)
-
     # ---------------------------------------------------------------- load
     def load(self, path: Path, model_chunks, optimizer=None, scheduler=None) -> TrainState:
-        """Restore into the current layout; ``optimizer=None`` loads weights only (init_from)."""
+        """Restore into the current layout; ``optimizer=None`` loads weights only (init_from).
+        Either way the checkpoint's provenance becomes the one later saves record."""
         from megatron.core import dist_checkpointing
 
-        path = Path(path)
+        path = layout.find_checkpoint(Path(path))
         common = dist_checkpointing.load_common_state_dict(str(path))
-        layout = current_layout()
+        where = f"{path}/common.pt"
+        self.provenance = Provenance.of(common, where)
+        self._vision_tail = self.provenance.vision_tail_file(path)
+        marker = Marker.read(path)
+        if optimizer is not None and marker is not None:
+            self.run_id = marker.run_id  # a resume continues the run
+        layout_now = current_layout()
         saved_layout = common.get("layout")
-        same_layout = saved_layout == layout
+        same_layout = saved_layout == layout_now
         model_sd = _model_sharded(model_chunks)
         sharded: Dict[str, Any] = dict(model_sd)
         if optimizer is not None:
@@ -314,7 +348,7 @@ class CheckpointManager:
                 _flat_model_sd(model_sd), is_loading=True,
                 metadata={"distrib_optim_sharding_type": "fully_reshardable"})
             if same_layout:
-                sharded["rng_state"] = _rng_object(layout)
+                sharded["rng_state"] = _rng_object(layout_now)
         loaded = dist_checkpointing.load(sharded, str(path), sharded_strategy=None)
         for key, chunk in zip(sorted(model_sd), model_chunks):
             _unwrap(chunk).load_state_dict(loaded[key])

@@ -1,61 +1,170 @@
 """Typed training configuration: YAML presets + ``--set key=value`` overrides, validated up front.
 
 Every section is a small dataclass; :func:`load_config` reads a YAML preset, applies dotted
-overrides (``--set optim.lr=1e-4``, ``--set model.overrides.decoder.num_layers=4``), coerces
-values to the field's declared type and checks what can be checked before any process group
-exists. Checks that need the world size (batch divisibility by DP, model shape against TP/PP)
-live in :mod:`pipeline.validate` because they run once ``WORLD_SIZE`` is known.
+overrides (``--set optim.lr=1e-4``, ``--set model.decoder.num_layers=4``), coerces values to the
+field's declared type and checks what can be checked before any process group exists. Each
+field declares what it accepts next to its default (:func:`setting`: numeric bounds, choices,
+whether it is a path), so validation and ``--help`` read the same declaration. Checks that need
+the world size (batch divisibility by DP, model shape against TP/PP) live in
+:mod:`pipeline.validate` because they run once ``WORLD_SIZE`` is known.
+
+The ``model`` section mirrors ``VWLMMConfig`` (``megatron_vwlmm/model/config.py``): it is
+generated from that dataclass and its nested ``decoder`` / ``vision`` configs, so a field added
+to the model is settable (``model.vision.image_size=64``), type-checked and listed by ``--help``
+without an edit here. A model field left null keeps the preset's value;
+:func:`build_model_config` is the one place that turns the section into a ``VWLMMConfig``.
+
+Paths (``run_dir``, ``checkpoint.dir``, ``data.path``, ``model.init_from``) have ``~`` expanded,
+which the shell does not do inside ``--set key=~/x``. Environment variables are not expanded:
+the shell expands them in ``--set``, and a YAML value means what it says.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import yaml
+from megatron.core.enums import Fp8Recipe
+
+from megatron_vwlmm.model import config as model_config
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field (``section.name``) and why."""
 
 
+# --------------------------------------------------------------------------------------------
+# Field declarations
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The interval a numeric field accepts; ``None`` leaves that side open-ended."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False  # True: low itself is excluded
+    high_open: bool = False
+
+    def admits(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        low, high = _number_text(self.low), _number_text(self.high)
+        if self.high is None:
+            return f"must be {'>' if self.low_open else '>='} {low}"
+        if self.low is None:
+            return f"must be {'<' if self.high_open else '<='} {high}"
+        return (f"must be in {'(' if self.low_open else '['}{low}, "
+                f"{high}{')' if self.high_open else ']'}")
+
+
+def _number_text(x: Optional[float]) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def setting(default: Any, *, ge: Optional[float] = None, gt: Optional[float] = None,
+            le: Optional[float] = None, lt: Optional[float] = None,
+            choices: Optional[Tuple[Any, ...]] = None, path: bool = False) -> Any:
+    """A dataclass field with what it accepts: numeric bounds (``ge``/``gt``/``le``/``lt``), a
+    tuple of ``choices``, or ``path=True`` for a filesystem path or URL (``~`` expanded)."""
+    metadata: Dict[str, Any] = {}
+    if (ge, gt, le, lt) != (None,) * 4:
+        metadata["bounds"] = Bounds(gt if gt is not None else ge, lt if lt is not None else le,
+                                    gt is not None, lt is not None)
+    if choices is not None:
+        metadata["choices"] = choices
+    if path:
+        metadata["path"] = True
+    return field(default=default, metadata=metadata)
+
+
+_SEED_MAX = 2**32 - 1  # numpy's legacy seeding (random.seed, np.random.seed) takes uint32
+# Whole seconds that datetime.timedelta (the process-group timeout) can hold.
+_TIMEOUT_MAX_S = datetime.timedelta.max.days * 86400
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
 @dataclass
-class ModelSection:
-    """Which VW-LMM model to build: a ``megatron_vwlmm`` preset plus dotted field overrides.
+class ModelChoice:
+    """The trainer's own model keys: which preset to start from and where initial weights are."""
 
-    ``overrides`` keys are paths into ``VWLMMConfig`` (``decoder.num_layers``, ``lambda_vm``,
-    ``freeze_decoder``...) so the trainer never duplicates the model's own config fields.
-    """
+    preset: str = setting("tiny", choices=model_config.PRESETS)
+    # None = the preset's default encoder (megatron_vwlmm/model/config.py, get_preset).
+    vision_preset: Optional[str] = setting(None, choices=(None, *model_config.VISION_PRESETS))
+    # A megatron dist checkpoint holding initial weights only (e.g. `vwlmm-convert import`'s
+    # output). Ignored when the run resumes from its own checkpoint.
+    init_from: Optional[str] = setting(None, path=True)
 
-    preset: str = "tiny"
-    vision: Optional[str] = None  # vision preset; None = the decoder preset's default encoder
-    overrides: Dict[str, Any] = field(default_factory=dict)
-    # A megatron dist checkpoint holding initial weights only (e.g. the HF import of the
-    # conversion issue). Ignored when the run resumes from its own checkpoint.
-    init_from: Optional[str] = None
+
+# VWLMMConfig fields that another section owns: the run's precision sets them.
+_SET_BY_PRECISION = {"bf16": "precision.bf16", "fp8": "precision.fp8"}
+_FROM_PRESET = "from_preset"  # field metadata key: the model type this override stands for
+
+
+def _preset_overrides(model_cls: type, name: str, base: Optional[type] = None,
+                     skip: Tuple[str, ...] = (), doc: Optional[str] = None) -> type:
+    """A dataclass with every field of ``model_cls`` as an optional override (None = keep the
+    preset's value); nested model dataclasses become nested sections, recursively."""
+    hints = typing.get_type_hints(model_cls)
+    specs = []
+    for f in dataclasses.fields(model_cls):
+        if f.name in skip:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            sub = _preset_overrides(tp, f"{name}{f.name.title()}")
+            specs.append((f.name, sub, field(default_factory=sub, metadata={_FROM_PRESET: tp})))
+        else:
+            specs.append((f.name, Optional[tp], field(default=None, metadata={_FROM_PRESET: tp})))
+    doc = doc or (f"Every ``{model_cls.__name__}`` field of ``megatron_vwlmm/model/config.py``; "
+                  "a field left None keeps the preset's value.")
+    return dataclasses.make_dataclass(name, specs, bases=(base,) if base else (),
+                                      namespace={"__module__": __name__, "__doc__": doc})
+
+
+ModelSection = _preset_overrides(
+    model_config.VWLMMConfig, "ModelSection", base=ModelChoice, skip=tuple(_SET_BY_PRECISION),
+    doc="Which VW-LMM model to build: ``preset`` (+ ``vision_preset``), then every "
+        "``VWLMMConfig`` field (``lambda_vm``, ``freeze_decoder``, ``decoder.num_layers``, "
+        "``vision.image_size``...); one left None keeps the preset's value. ``bf16``/``fp8`` "
+        "come from the precision section.")
 
 
 @dataclass
 class ParallelSection:
     """Model-parallel layout and memory/speed options passed to megatron-core."""
 
-    tp: int = 1
-    pp: int = 1
+    tp: int = setting(1, ge=1)
+    pp: int = setting(1, ge=1)
     # Virtual pipeline chunks per stage (interleaved 1F1B); None = plain 1F1B.
-    vpp: Optional[int] = None
+    vpp: Optional[int] = setting(None, ge=2)
     sequence_parallel: bool = False
-    recompute_granularity: Optional[str] = None  # None | "full" | "selective"
-    recompute_method: Optional[str] = None  # "uniform" | "block" (with granularity "full")
-    recompute_num_layers: Optional[int] = None
+    recompute_granularity: Optional[str] = setting(None, choices=(None, "full", "selective"))
+    # Used with recompute_granularity "full".
+    recompute_method: Optional[str] = setting(None, choices=(None, "uniform", "block"))
+    recompute_num_layers: Optional[int] = setting(None, ge=1)
     use_distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
-    backend: Optional[str] = None  # None = nccl on CUDA, gloo otherwise
-    timeout_s: int = 600
+    backend: Optional[str] = setting(None, choices=(None, "nccl", "gloo"))  # None: by device
+    timeout_s: int = setting(600, ge=1, le=_TIMEOUT_MAX_S)
 
 
 @dataclass
@@ -63,34 +172,35 @@ class PrecisionSection:
     """Numerics: bf16 params/activations on GPU, FP8 GEMMs through Transformer Engine."""
 
     bf16: bool = False
-    fp8: Optional[str] = None  # None | "hybrid" | "e4m3"
-    fp8_recipe: str = "delayed"  # megatron-core recipe name: delayed | tensorwise | mxfp8 ...
+    fp8: Optional[str] = setting(None, choices=(None, "hybrid", "e4m3"))
+    fp8_recipe: str = setting("delayed", choices=tuple(r.value for r in Fp8Recipe))
 
 
 @dataclass
 class DataSection:
     """Where the tokenized shards are and how each data-parallel rank reads them."""
 
-    path: str = ""  # preprocessing output root (holds manifest.json); local path or s3://
-    format: str = "auto"  # auto | arrow | webdataset
+    # Preprocessing output root (holds manifest.json); local path or s3://.
+    path: str = setting("", path=True)
+    format: str = setting("auto", choices=("auto", "arrow", "webdataset"))
     # Samples per micro-batch; with packing, packed rows per micro-batch.
-    micro_batch_size: int = 1
+    micro_batch_size: int = setting(1, ge=1)
     # Samples per optimizer step (with or without packing: the step's samples do not depend on
     # the layout, so the data position and the hyper-parameters keep their meaning).
-    global_batch_size: int = 8
+    global_batch_size: int = setting(8, ge=1)
     # Pack whole samples into rows of seq_length (megatron_vwlmm/model/packing.py) instead of
     # padding each one to seq_length: a step's samples fill as few rows as they can.
     packing: bool = False
     # LLaVA-1.5 stage 2's group_by_modality_length: each step holds only multimodal or only
     # text-only samples, similar lengths per micro-batch (pipeline/data/order.py; Arrow only).
     group_by_modality_length: bool = False
-    seed: int = 1234
-    num_workers: int = 2
-    prefetch_factor: int = 4
+    seed: int = setting(1234, ge=0, le=_SEED_MAX)
+    num_workers: int = setting(2, ge=0)
+    prefetch_factor: int = setting(4, ge=1)
     # Fraction of samples held out for validation, chosen by a stable hash of the sample key so
     # the split is the same for both formats and any shard layout.
-    valid_fraction: float = 0.0
-    pad_token_id: int = 0
+    valid_fraction: float = setting(0.0, ge=0, lt=1)
+    pad_token_id: int = setting(0, ge=0)  # an id of the vocabulary (checked against the model)
     # Expected dataset identity; a manifest that disagrees is refused (None = do not check).
     tokenizer: Optional[str] = None  # manifest tokenizer.name_or_path or tokenizer.sha256
     template: Optional[str] = None
@@ -103,35 +213,36 @@ class DataSection:
 class OptimSection:
     """AdamW + warmup/decay schedule (megatron-core OptimizerParamScheduler)."""
 
-    lr: float = 1e-3
-    min_lr: float = 0.0
+    lr: float = setting(1e-3, gt=0)
+    min_lr: float = setting(0.0, ge=0)  # at most lr
     # Separate peak LR for the adapter / VM head (None = same as lr). LLaVA-style stage-1
     # runs train only those, stage-2 runs often want them at a different LR from the LLM.
-    adapter_lr: Optional[float] = None
-    vm_head_lr: Optional[float] = None
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    warmup_iters: int = 0
-    warmup_fraction: Optional[float] = None  # overrides warmup_iters when set
-    decay_style: str = "cosine"  # cosine | linear | constant
-    decay_iters: Optional[int] = None  # None = train.train_iters
+    adapter_lr: Optional[float] = setting(None, gt=0)
+    vm_head_lr: Optional[float] = setting(None, gt=0)
+    weight_decay: float = setting(0.0, ge=0)
+    adam_beta1: float = setting(0.9, ge=0, lt=1)
+    adam_beta2: float = setting(0.999, ge=0, lt=1)
+    adam_eps: float = setting(1e-8, gt=0)
+    clip_grad: float = setting(1.0, ge=0)  # global grad-norm bound; 0 = no clipping
+    warmup_iters: int = setting(0, ge=0)
+    warmup_fraction: Optional[float] = setting(None, ge=0, lt=1)  # overrides warmup_iters
+    decay_style: str = setting("cosine", choices=("cosine", "linear", "constant"))
+    decay_iters: Optional[int] = setting(None, ge=1)  # None = train.train_iters
     # per_micro_batch: mean of micro-batch means (LLaVA); per_token: sums over the whole global
     # batch divided by its token counts, independent of packing and split
     # (megatron_vwlmm/model/forward_step.py).
-    loss_normalization: str = "per_micro_batch"
+    loss_normalization: str = setting("per_micro_batch",
+                                      choices=("per_micro_batch", "per_token"))
 
 
 @dataclass
 class TrainSection:
     """Loop length, evaluation cadence and seeds."""
 
-    train_iters: int = 10
-    eval_interval: int = 0  # 0 = never
-    eval_iters: int = 1
-    seed: int = 1234
+    train_iters: int = setting(10, ge=1)
+    eval_interval: int = setting(0, ge=0)  # 0 = never
+    eval_iters: int = setting(1, ge=1)
+    seed: int = setting(1234, ge=0, le=_SEED_MAX)
     deterministic: bool = True
 
 
@@ -139,9 +250,9 @@ class TrainSection:
 class CheckpointSection:
     """Megatron dist-checkpointing (torch_dist) saves under ``<run_dir>/checkpoints``."""
 
-    dir: Optional[str] = None  # default <run_dir>/checkpoints
-    save_interval: int = 0  # 0 = only at the end and on signals
-    keep_last: int = 3
+    dir: Optional[str] = setting(None, path=True)  # default <run_dir>/checkpoints
+    save_interval: int = setting(0, ge=0)  # 0 = only at the end and on signals
+    keep_last: int = setting(3, ge=1)
     auto_resume: bool = True
     save_on_signal: bool = True  # SIGTERM / SIGUSR1 (Slurm preemption) -> save and exit
 
@@ -150,10 +261,10 @@ class CheckpointSection:
 class LoggingSection:
     """Per-step metrics to stdout, JSONL and TensorBoard."""
 
-    log_interval: int = 1
+    log_interval: int = setting(1, ge=1)
     tensorboard: bool = True
     # Dense peak of one device in TFLOP/s for MFU (H100 SXM bf16: 989). 0 = MFU not reported.
-    peak_tflops_per_device: float = 0.0
+    peak_tflops_per_device: float = setting(0.0, ge=0)
     # Write the keys of the samples each DP rank trained on to <run_dir>/samples/ (audits, tests).
     record_sample_keys: bool = False
 
@@ -162,15 +273,17 @@ class LoggingSection:
 class FaultSection:
     """Failure injection for tests of resume and crash safety (never set in real runs)."""
 
-    kill_after_step: Optional[int] = None  # SIGKILL self right after this step (and its save)
-    kill_during_save: Optional[int] = None  # SIGKILL self midway through the save of this step
+    # SIGKILL self right after this step (and its save).
+    kill_after_step: Optional[int] = setting(None, ge=1)
+    # SIGKILL self midway through the save of this step.
+    kill_during_save: Optional[int] = setting(None, ge=1)
 
 
 @dataclass
 class TrainConfig:
     """The whole run. ``run_dir`` receives checkpoints, TensorBoard events and metrics.jsonl."""
 
-    run_dir: str = "runs/default"
+    run_dir: str = setting("runs/default", path=True)
     model: ModelSection = field(default_factory=ModelSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     precision: PrecisionSection = field(default_factory=PrecisionSection)
@@ -182,6 +295,9 @@ class TrainConfig:
     fault: FaultSection = field(default_factory=FaultSection)
 
     def __post_init__(self) -> None:
+        for _, section, f, value in _leaves(self):
+            if f.metadata.get("path") and isinstance(value, str):
+                setattr(section, f.name, os.path.expanduser(value))
         check_static(self)
 
     @property
@@ -192,51 +308,41 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# --------------------------------------------------------------------------------------------
-# Static validation (no world size needed)
-# --------------------------------------------------------------------------------------------
+def _leaves(obj: Any, prefix: str = "") -> Iterator[Tuple[str, Any, dataclasses.Field, Any]]:
+    """(dotted key, owning section, field, value) of every leaf field of ``obj``, depth first."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", obj, f, value
 
-_CHOICES = {
-    "data.format": ("auto", "arrow", "webdataset"),
-    "optim.decay_style": ("cosine", "linear", "constant"),
-    "optim.loss_normalization": ("per_micro_batch", "per_token"),
-    "precision.fp8": (None, "hybrid", "e4m3"),
-    "parallel.recompute_granularity": (None, "full", "selective"),
-    "parallel.recompute_method": (None, "uniform", "block"),
-    "parallel.backend": (None, "nccl", "gloo"),
-}
+
+# --------------------------------------------------------------------------------------------
+# Validation (no world size needed)
+# --------------------------------------------------------------------------------------------
 
 
 def check_static(cfg: TrainConfig) -> None:
     """Raise :class:`ConfigError` naming the first field whose value cannot work in any layout."""
-    for path, choices in _CHOICES.items():
-        value = _get(cfg, path)
-        if value not in choices:
-            raise ConfigError(f"{path}={value!r}: must be one of {list(choices)}")
-    positive = [
-        "parallel.tp", "parallel.pp", "data.micro_batch_size", "data.global_batch_size",
-        "train.train_iters", "train.eval_iters", "logging.log_interval", "checkpoint.keep_last",
-    ]
-    for path in positive:
-        if _get(cfg, path) < 1:
-            raise ConfigError(f"{path}={_get(cfg, path)}: must be >= 1")
-    for path in ["data.num_workers", "checkpoint.save_interval", "train.eval_interval",
-                 "optim.warmup_iters", "optim.weight_decay", "optim.clip_grad", "optim.min_lr"]:
-        if _get(cfg, path) < 0:
-            raise ConfigError(f"{path}={_get(cfg, path)}: must be >= 0")
-    if cfg.parallel.vpp is not None and (cfg.parallel.vpp < 2 or cfg.parallel.pp < 2):
+    if not cfg.run_dir:
+        raise ConfigError("run_dir: must not be empty (the run's output folder)")
+    for key, _, f, value in _leaves(cfg):
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{key}={value!r}: must be one of {list(choices)}")
+        bounds = f.metadata.get("bounds")
+        if bounds is not None and value is not None and not bounds.admits(value):
+            raise ConfigError(f"{key}={value!r}: {bounds}")
+    if cfg.parallel.vpp is not None and cfg.parallel.pp < 2:
         raise ConfigError(
             f"parallel.vpp={cfg.parallel.vpp}: interleaved pipelining needs vpp >= 2 and "
             f"parallel.pp >= 2 (got pp={cfg.parallel.pp}); use vpp: null for plain 1F1B")
-    if not 0.0 <= cfg.data.valid_fraction < 1.0:
-        raise ConfigError(f"data.valid_fraction={cfg.data.valid_fraction}: must be in [0, 1)")
-    if cfg.optim.lr <= 0 or cfg.optim.min_lr > cfg.optim.lr:
-        raise ConfigError(f"optim.lr={cfg.optim.lr}, optim.min_lr={cfg.optim.min_lr}: "
-                          "need 0 <= min_lr <= lr and lr > 0")
-    if cfg.optim.warmup_fraction is not None and not 0 <= cfg.optim.warmup_fraction < 1:
-        raise ConfigError(f"optim.warmup_fraction={cfg.optim.warmup_fraction}: must be in [0, 1)")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        raise ConfigError(f"optim.min_lr={cfg.optim.min_lr!r}: must be <= optim.lr "
+                          f"({cfg.optim.lr!r})")
     decay = cfg.optim.decay_iters or cfg.train.train_iters
-    if warmup_iters(cfg) >= max(decay, 1) and cfg.optim.decay_style != "constant":
+    if warmup_iters(cfg) >= decay and cfg.optim.decay_style != "constant":
         raise ConfigError(f"optim.warmup_iters={warmup_iters(cfg)}: must be smaller than the decay "
                           f"length ({decay} iterations)")
     if cfg.precision.fp8 is not None and not cfg.precision.bf16:
@@ -245,12 +351,65 @@ def check_static(cfg: TrainConfig) -> None:
     if cfg.parallel.recompute_granularity == "full" and cfg.parallel.recompute_method is None:
         raise ConfigError("parallel.recompute_method: required ('uniform' or 'block') when "
                           "parallel.recompute_granularity='full'")
+    endpoint = cfg.data.s3_endpoint_url
+    if endpoint is not None and not re.match(r"https?://[^/\s]+", endpoint):
+        raise ConfigError(f"data.s3_endpoint_url={endpoint!r}: expected http(s)://host[:port]")
+    model = build_model_config(cfg)
+    if cfg.data.pad_token_id >= model.decoder.vocab_size:
+        raise ConfigError(f"data.pad_token_id={cfg.data.pad_token_id}: must be a token id below "
+                          f"the model's decoder.vocab_size ({model.decoder.vocab_size})")
 
 
 def warmup_iters(cfg: TrainConfig) -> int:
     if cfg.optim.warmup_fraction is not None:
         return int(cfg.optim.warmup_fraction * (cfg.optim.decay_iters or cfg.train.train_iters))
     return cfg.optim.warmup_iters
+
+
+# --------------------------------------------------------------------------------------------
+# The model config of a run
+# --------------------------------------------------------------------------------------------
+
+
+def build_model_config(cfg: TrainConfig) -> model_config.VWLMMConfig:
+    """The ``VWLMMConfig`` of this run: ``model.preset`` (+ ``model.vision_preset``), the model
+    fields the run sets, and the precision flags. Whatever needs a run's model calls this, so
+    the preset-plus-fields rule lives in one place."""
+    changes = dict(_model_changes(cfg.model))
+    changes.update({name: _get(cfg, key) for name, key in _SET_BY_PRECISION.items()})
+    try:
+        preset = model_config.get_preset(cfg.model.preset, vision=cfg.model.vision_preset)
+        return model_config.replace(preset, **changes)
+    except ValueError as exc:
+        # The model's errors start with the field they are about ("decoder.num_layers: ...").
+        field_name, _, why = str(exc).partition(": ")
+        key = _SET_BY_PRECISION.get(field_name, f"model.{field_name}")
+        if not why:
+            key, why = "model", str(exc)
+        raise ConfigError(f"{key}: {why} (preset {cfg.model.preset!r})") from exc
+
+
+def with_model_fields(cfg: TrainConfig) -> TrainConfig:
+    """A copy of ``cfg`` whose model section spells out every field of the model it builds, so
+    the config reads (and reloads to the same model) without looking up the preset."""
+    raw = cfg.to_dict()
+    model = dataclasses.asdict(build_model_config(cfg))
+    for name in _SET_BY_PRECISION:
+        del model[name]
+    raw["model"].update(model)
+    return train_config_from_dict(raw)
+
+
+def _model_changes(section: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
+    """The model fields a run sets (not None), as the dotted keys ``model_config.replace`` takes."""
+    for f in dataclasses.fields(section):
+        if _FROM_PRESET not in f.metadata:
+            continue
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _model_changes(value, f"{prefix}{f.name}.")
+        elif value is not None:
+            yield f"{prefix}{f.name}", value
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,80 +425,142 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     """
     raw: Dict[str, Any] = {}
     if path is not None:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except OSError as exc:
+            raise ConfigError(f"--config {path}: {exc.strerror}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--config {path}: not valid YAML ({_yaml_problem(exc)})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw)}")
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value (e.g. optim.lr=1e-4)")
         key, value = item.split("=", 1)
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item}: value is not valid YAML ({_yaml_problem(exc)})") \
+                from None
+        _set_dotted(raw, key.strip(), parsed)
+    return train_config_from_dict(raw)
+
+
+def train_config_from_dict(raw: Mapping[str, Any]) -> TrainConfig:
+    """A :class:`TrainConfig` from its :meth:`TrainConfig.to_dict` form (a YAML file, the run
+    config stored in a checkpoint), coerced and validated; raises :class:`ConfigError`."""
     return from_dict(TrainConfig, raw, prefix="")
+
+
+def _yaml_problem(exc: Exception) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    return f"{problem} at line {mark.line + 1}" if mark is not None else problem
 
 
 def _set_dotted(raw: Dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
-    # model.overrides.<dotted VWLMMConfig path> keeps the rest of the path as one dict key.
-    if parts[:2] == ["model", "overrides"] and len(parts) > 2:
-        raw.setdefault("model", {}).setdefault("overrides", {})[".".join(parts[2:])] = value
-        return
     node = raw
     for p in parts[:-1]:
-        node = node.setdefault(p, {})
+        if node.get(p) is None:
+            node[p] = {}
+        node = node[p]
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {p} is not a section")
     node[parts[-1]] = value
 
 
-def from_dict(cls: type, raw: Dict[str, Any], prefix: str) -> Any:
+# Keys that are not fields of their section but name a value that lives elsewhere.
+_ELSEWHERE = {
+    "model.overrides": "model fields are keys of the model section itself, e.g. "
+                       "model.decoder.num_layers or model.lambda_vm",
+    **{f"model.{name}": f"the run's precision sets it: use {key}"
+       for name, key in _SET_BY_PRECISION.items()},
+}
+
+
+def from_dict(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
     """Recursively build dataclass ``cls`` from ``raw``, coercing scalars to the declared types."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or '<root>'}: expected a mapping, got {raw!r}")
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or '<root>'}={raw!r}: expected a mapping of "
+                          f"{cls.__name__} fields")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(raw) - names
-    if unknown:
-        raise ConfigError(f"{prefix}{sorted(unknown)[0]}: unknown key (known: {sorted(names)})")
-    kwargs = {}
-    for name, value in raw.items():
-        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            hint = _ELSEWHERE.get(f"{prefix}{key}", f"known: {', '.join(sorted(names))}")
+            raise ConfigError(f"{prefix}{key}: unknown key; {hint}")
+    kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in raw.items()}
     return cls(**kwargs)
 
 
 def _coerce(tp: Any, value: Any, name: str) -> Any:
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value or {}, prefix=name + ".")
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if isinstance(value, str) and name == "model.vision":
+            raise ConfigError(f"model.vision={value!r}: the vision encoder preset is "
+                              "model.vision_preset; model.vision holds VisionConfig fields")
+        return from_dict(tp, {} if value is None else value, prefix=name + ".")
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
         if value is None:
             return None
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _coerce(args[0], value, name)
-    if origin in (dict, Dict):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}={value!r}: expected a mapping")
-        return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{name}={value!r}: expected true/false")
         return value
-    if tp in (int, float):
-        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"{name}={value!r}: expected a number") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}={value!r}: expected a number")
-        if tp is int and float(value) != int(value):
-            raise ConfigError(f"{name}={value!r}: expected an integer")
-        return tp(value)
+    if tp is int:
+        return _to_int(value, name)
+    if tp is float:
+        return _to_float(value, name)
     if tp is str:
         if value is None:
             raise ConfigError(f"{name}: must not be empty")
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{name}={value!r}: expected a string")
         return str(value)
+    raise TypeError(f"{name}: config fields of type {tp!r} are not supported")
+
+
+_INT64_MAX = 2**63 - 1
+
+
+def _number(value: Any, name: str, kind: str) -> Any:
+    """``value`` as an int or float (YAML 1.1 reads ``3e-3``, ``inf`` and ``nan`` as strings)."""
+    if isinstance(value, str):
+        for parse in (int, float):
+            try:
+                return parse(value.strip())
+            except ValueError:
+                continue
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name}={value!r}: expected {kind}")
     return value
+
+
+def _to_int(value: Any, name: str) -> int:
+    number = _number(value, name, "an integer")
+    if isinstance(number, float):
+        if not math.isfinite(number):
+            raise ConfigError(f"{name}={value!r}: expected a finite integer")
+        if not number.is_integer():
+            raise ConfigError(f"{name}={value!r}: expected an integer")
+        number = int(number)
+    if abs(number) > _INT64_MAX:
+        raise ConfigError(f"{name}={value!r}: out of range (a 64-bit integer)")
+    return number
+
+
+def _to_float(value: Any, name: str) -> float:
+    number = _number(value, name, "a number")
+    try:
+        number = float(number)
+    except OverflowError:  # an int beyond the float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise ConfigError(f"{name}={value!r}: expected a finite number")
+    return number
 
 
 def _get(cfg: Any, path: str) -> Any:
@@ -348,18 +569,33 @@ def _get(cfg: Any, path: str) -> Any:
     return cfg
 
 
+# --------------------------------------------------------------------------------------------
+# --help
+# --------------------------------------------------------------------------------------------
+
+
 def describe_fields() -> str:
-    """Every configurable key with its default, for ``--help``."""
+    """Every configurable key with its type and default (or what it accepts), for ``--help``."""
     lines = []
-
-    def walk(cls: type, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(hints[f.name]):
-                walk(hints[f.name], f"{prefix}{f.name}.")
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {prefix}{f.name} = {default!r}")
-
-    walk(TrainConfig, "")
+    for key, section, f, default in _leaves(TrainConfig()):
+        model_type = f.metadata.get(_FROM_PRESET)
+        if model_type is not None:
+            line = f"  {key}: {_type_name(model_type)} = <preset>"
+        else:
+            declared = typing.get_type_hints(type(section))[f.name]
+            line = f"  {key}: {_type_name(declared)} = {default!r}"
+        if "choices" in f.metadata:
+            line += f"  (one of {', '.join(repr(c) for c in f.metadata['choices'])})"
+        if "bounds" in f.metadata:
+            line += f"  ({f.metadata['bounds']})"
+        if f.metadata.get("path"):
+            line += "  (path; ~ expanded)"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(args[0])} | None"
+    return getattr(tp, "__name__", str(tp))

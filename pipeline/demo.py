@@ -8,7 +8,9 @@
 4. export to a Hugging Face llava-hf folder, a caption generated from it with stock
    transformers (`AutoProcessor` + `generate`), and the paper's visual-word map of an image.
 
-Everything goes under --out (default ./demo_out); the last lines say where.
+Everything goes under --out (default ./demo_out); the last lines say where. A rerun replaces
+the demo's own folders there (``DEMO_FOLDERS``), and only in a folder the demo marked as its own
+(``DEMO_MARKER``); where those folders exist with files and no mark, the demo refuses to start.
 """
 
 from __future__ import annotations
@@ -26,6 +28,23 @@ from preprocessing.local_ray import LocalRayHead, free_port, ray_env
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# What the demo writes under --out, and the file that says it wrote them.
+DEMO_FOLDERS = ("raw", "tokenizer", "data", "run", "hf")
+DEMO_MARKER = ".vwlmm-demo"
+
+
+def claim_out(out: Path) -> None:
+    """Mark ``out`` as the demo's, or refuse (SystemExit) when it holds non-empty folders of
+    the demo's names that an earlier demo did not write: a rerun deletes and rewrites those."""
+    if not (out / DEMO_MARKER).is_file():
+        taken = [name for name in DEMO_FOLDERS if (out / name).exists()
+                 and (not (out / name).is_dir() or any((out / name).iterdir()))]
+        if taken:
+            raise SystemExit(f"{out} already holds {', '.join(taken)} that the demo did not write "
+                             f"(no {DEMO_MARKER} there); choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by python -m pipeline.demo; a rerun replaces "
+                                   + ", ".join(DEMO_FOLDERS) + "\n")
 
 
 def _service_env() -> dict:
@@ -68,7 +87,7 @@ def preprocess(out: Path) -> Path:
 def train(out: Path, data: Path, steps: int) -> Path:
     _step(f"3/5 training tiny-cpu with TP=2 under torchrun ({steps} steps)")
     run = out / "run"
-    shutil.rmtree(run, ignore_errors=True)  # a demo always starts fresh
+    shutil.rmtree(run, ignore_errors=True)  # a demo always starts fresh (claim_out: ours)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "pipeline.train",
            "--config", str(REPO / "configs/tiny-cpu.yaml"), "--set", f"data.path={data}",
@@ -110,7 +129,7 @@ def export_and_caption(out: Path, ckpt: Path) -> tuple[Path, Path, Path]:
 
     _step("5/5 Hugging Face export, caption, visual words")
     hf_dir = out / "hf"
-    shutil.rmtree(hf_dir, ignore_errors=True)
+    shutil.rmtree(hf_dir, ignore_errors=True)  # ours (claim_out)
     export_checkpoint(str(ckpt), str(hf_dir), format="llava-hf",
                       tokenizer_dir=str(out / "tokenizer"))
     image_path = sorted((out / "raw").rglob("*.jpg"))[0]
@@ -141,7 +160,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     t0 = time.time()
     out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    claim_out(out)
     data = preprocess(out)
     run = train(out, data, args.steps)
     ckpt = report(run)

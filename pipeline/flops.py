@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from megatron_vwlmm.vision import get_encoder_kind
+
 
 def decoder_forward_flops(cfg: Any, num_positions: int,
                           attention_square: Optional[int] = None) -> float:
@@ -37,9 +39,10 @@ def decoder_forward_flops(cfg: Any, num_positions: int,
 
 
 def vision_forward_flops(cfg: Any) -> float:
-    """Forward FLOPs of the CLIP ViT layers actually run, plus patch embedding, per image."""
+    """Forward FLOPs of the ViT layers actually run, plus patch embedding, per image. The
+    layers see the patches and the kind's class token (CLIP: one; SigLIP: none)."""
     v = cfg.vision
-    n = v.num_patches + 1  # + CLS
+    n = v.num_patches + get_encoder_kind(v.kind).num_class_tokens
     hv = v.hidden_size
     per_layer = n * (2 * 4 * hv * hv + 2 * 2 * hv * v.ffn_hidden_size) + 2 * 2 * n * n * hv
     patch_embed = 2 * v.num_patches * 3 * v.patch_size ** 2 * hv

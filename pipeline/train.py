@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_vwlmm.model.forward_step import TokenTotals
-from pipeline.config import ConfigError, TrainConfig, describe_fields, load_config
+from pipeline.config import (ConfigError, TrainConfig, build_model_config, describe_fields,
+                             load_config, with_model_fields)
 
 # megatron's distributed optimizer zeroes gradients by probing ``.grad`` on every tensor of its
 # groups, views of the fp32 main shards included (its ``_zero_grad_group_helper``): torch warns
@@ -33,20 +34,7 @@ from pipeline.config import ConfigError, TrainConfig, describe_fields, load_conf
 warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf",
                         category=UserWarning)
 from pipeline.validate import (check_fp8_available, check_init_from, check_layout, check_manifest,
-                               check_model)
-
-def build_model_config(cfg: TrainConfig):
-    """The ``VWLMMConfig`` of this run: preset + overrides + precision flags."""
-    from megatron_vwlmm.model import get_preset
-
-    changes = dict(cfg.model.overrides)
-    changes.setdefault("bf16", cfg.precision.bf16)
-    changes.setdefault("fp8", cfg.precision.fp8)
-    try:
-        return get_preset(cfg.model.preset, vision=cfg.model.vision, **changes)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"model (preset {cfg.model.preset!r}, overrides {changes}): {exc}") \
-            from exc
+                               check_model, load_manifest, select_shards)
 
 
 def transformer_overrides(cfg: TrainConfig) -> Dict[str, Any]:
@@ -241,6 +229,7 @@ def build_rank_data(cfg: TrainConfig, model_cfg, shards, s3, dp_size: int):
     from megatron.core import parallel_state as ps
 
     from pipeline.data.loader import LoaderSpec, RankData
+    from vwlmm_data.contract import VisionInfo
 
     spec = LoaderSpec(
         shards=tuple(shards), format=shards[0].format, packing=cfg.data.packing,
@@ -249,7 +238,8 @@ def build_rank_data(cfg: TrainConfig, model_cfg, shards, s3, dp_size: int):
         dp_size=dp_size, dp_rank=ps.get_data_parallel_rank(with_context_parallel=True),
         seed=cfg.data.seed, seq_length=model_cfg.decoder.seq_length,
         num_patches=model_cfg.num_patches, image_size=model_cfg.vision.image_size,
-        pad_token_id=cfg.data.pad_token_id, valid_fraction=cfg.data.valid_fraction,
+        pad_token_id=cfg.data.pad_token_id, vision=VisionInfo.of(model_cfg.vision.kind),
+        valid_fraction=cfg.data.valid_fraction,
         num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor, s3=s3)
     needs_data = ps.is_pipeline_first_stage(ignore_virtual=True) or \
         ps.is_pipeline_last_stage(ignore_virtual=True)
@@ -331,9 +321,8 @@ def _log(msg: str) -> None:
 def run(cfg: TrainConfig) -> Dict[str, Any]:
     """Train as configured; returns a summary (last metrics, final checkpoint) on every rank."""
     from megatron_vwlmm.parallel.initialize import destroy_distributed, initialize_distributed
-    from pipeline.data.manifest import load_manifest, select_shards
-    from pipeline.data.storage import S3Options
     from pipeline.signals import PreemptionFlag
+    from vwlmm_data.storage import S3Options
 
     # --- everything checkable before touching a process group -----------------------------
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -364,7 +353,7 @@ def _train(cfg, model_cfg, shards, s3, dp_size, preempt) -> Dict[str, Any]:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from pipeline.checkpoint import CheckpointManager, TrainState, latest_checkpoint
+    from pipeline.checkpoint import CheckpointManager, TrainState
     from pipeline.flops import step_flops
     from pipeline.metrics import MetricsLogger, peak_memory_gib
     from pipeline.optim import build_optimizer, build_scheduler
@@ -389,7 +378,7 @@ def _train(cfg, model_cfg, shards, s3, dp_size, preempt) -> Dict[str, Any]:
     ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last, cfg.to_dict(),
                              cfg.fault.kill_during_save)
     state = TrainState()
-    resume_from = latest_checkpoint(cfg.checkpoint_dir) if cfg.checkpoint.auto_resume else None
+    resume_from = ckpt.resume_point(cfg.checkpoint.auto_resume)
     if resume_from is not None:
         state = ckpt.load(resume_from, chunks, optimizer, scheduler)
         _log(f"resumed from {resume_from} at iteration {state.iteration}, "
@@ -534,7 +523,7 @@ presets: configs/tiny-cpu.yaml, stage1-vicuna-7b, stage1-mistral-7b, stage2-vicu
   SIGTERM/SIGUSR1 -> checkpoint and clean exit. Metrics: <run_dir>/metrics.jsonl and
   <run_dir>/tensorboard; `python -m pipeline.plot <run_dir>` draws the loss curves.
 
-every --set key (with its default):
+every --set key (type = default; model.* fields default to model.preset's values):
 """
 
 
@@ -547,9 +536,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML preset (see configs/); omit to use defaults")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config field, e.g. --set optim.lr=2e-5 or "
-                             "--set model.overrides.decoder.num_layers=8 (repeatable)")
+                             "--set model.decoder.num_layers=8 (repeatable)")
     parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config as YAML and exit")
+                        help="print the resolved config as YAML (every model field spelled "
+                             "out) and exit")
     return parser.parse_args(argv)
 
 
@@ -560,7 +550,7 @@ def main(argv=None) -> None:
         if args.print_config:
             import yaml
 
-            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            print(yaml.safe_dump(with_model_fields(cfg).to_dict(), sort_keys=False))
             return
         run(cfg)
     except ConfigError as exc:

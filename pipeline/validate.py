@@ -7,9 +7,12 @@ in seconds with one message naming the field rather than deep inside megatron-co
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Dict
+from typing import Any, List
 
-from pipeline.config import ConfigError, TrainConfig
+from pipeline.config import ConfigError, TrainConfig, build_model_config
+from vwlmm_data import contract
+from vwlmm_data.contract import Manifest, ShardInfo, VisionInfo
+from vwlmm_data.storage import S3Options
 
 
 def check_layout(cfg: TrainConfig, world_size: int) -> int:
@@ -40,8 +43,8 @@ def check_fp8_available(cfg: TrainConfig) -> None:
     if importlib.util.find_spec("transformer_engine") is None:
         raise ConfigError(f"precision.fp8={cfg.precision.fp8!r}: FP8 needs Transformer Engine, "
                           "which is not installed (pip install -e .[gpu]); unset precision.fp8")
-    if cfg.model.overrides.get("transformer_impl") == "local":
-        raise ConfigError("precision.fp8: needs model.overrides.transformer_impl "
+    if build_model_config(cfg).transformer_impl == "local":
+        raise ConfigError("precision.fp8: needs model.transformer_impl "
                           "'transformer_engine' or 'auto', not 'local'")
 
 
@@ -53,7 +56,7 @@ def check_model(model_cfg: Any, cfg: TrainConfig) -> None:
     """
     if cfg.data.packing and getattr(model_cfg, "attention_backend", "auto") == "unfused":
         raise ConfigError("data.packing=true: needs attention that keeps packed samples apart "
-                          "(model.overrides.attention_backend 'auto' or 'sdpa'); megatron's "
+                          "(model.attention_backend 'auto' or 'sdpa'); megatron's "
                           "unfused attention has no packed-sequence path")
     try:
         model_cfg.validate(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp)
@@ -63,52 +66,64 @@ def check_model(model_cfg: Any, cfg: TrainConfig) -> None:
                           f"{exc}") from exc
 
 
-def check_manifest(manifest: Dict[str, Any], model_cfg: Any, cfg: TrainConfig) -> None:
-    """Refuse a dataset tokenized or resized differently from what the model and config expect."""
+def load_manifest(root: str, s3: S3Options) -> Manifest:
+    """The dataset manifest under ``data.path``; a missing or malformed one is a ConfigError."""
+    try:
+        return contract.load_manifest(root, s3)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"data.path={root!r}: no manifest.json there ({exc}); point data.path "
+                          "at the preprocessing output folder") from exc
+    except ValueError as exc:
+        raise ConfigError(f"data.path={root!r}: {exc}") from exc
+
+
+def select_shards(manifest: Manifest, root: str, fmt: str) -> List[ShardInfo]:
+    """The shards of ``data.format`` (``auto`` prefers Arrow), resolved against ``root``."""
+    try:
+        fmt = manifest.select_format(fmt)
+    except ValueError as exc:
+        raise ConfigError(f"data.format={fmt!r}: {root}/manifest.json: {exc}") from exc
+    return [s.resolve(root) for s in manifest.shards_of(fmt)]
+
+
+def check_manifest(manifest: Manifest, model_cfg: Any, cfg: TrainConfig) -> None:
+    """Refuse a dataset tokenized or prepared differently from what the model and config expect."""
     where = f"{cfg.data.path}/manifest.json"
-    tok = manifest.get("tokenizer") or {}
+    tok = manifest.tokenizer
     want_tok = cfg.data.tokenizer
-    if want_tok is not None and want_tok not in (tok.get("name_or_path"), tok.get("sha256")):
+    if want_tok is not None and want_tok not in (tok.name_or_path, tok.sha256):
         raise ConfigError(f"data.tokenizer={want_tok!r}: {where} was tokenized with "
-                          f"{tok.get('name_or_path')!r} (sha256 {tok.get('sha256')}); "
+                          f"{tok.name_or_path!r} (sha256 {tok.sha256}); "
                           "re-run preprocessing or fix data.tokenizer")
-    if cfg.data.template is not None and manifest.get("template") != cfg.data.template:
+    if cfg.data.template is not None and manifest.template != cfg.data.template:
         raise ConfigError(f"data.template={cfg.data.template!r}: {where} uses template "
-                          f"{manifest.get('template')!r}")
-    image_size = manifest.get("image_size")
-    if isinstance(image_size, (list, tuple)):
-        image_size = image_size[0] if len(set(image_size)) == 1 else tuple(image_size)
-    if image_size != model_cfg.vision.image_size:
+                          f"{manifest.template!r}")
+    if manifest.image_size != model_cfg.vision.image_size:
         raise ConfigError(f"model vision.image_size={model_cfg.vision.image_size}: {where} has "
-                          f"images of size {manifest.get('image_size')}")
-    npatch = manifest.get("num_patches_per_image")
-    if npatch is not None and npatch != model_cfg.num_patches:
+                          f"images of size {manifest.image_size}")
+    want_vision = VisionInfo.of(model_cfg.vision.kind)
+    got = manifest.vision
+    if (got.encoder, got.image_mean, got.image_std) != \
+            (want_vision.encoder, want_vision.image_mean, want_vision.image_std):
+        raise ConfigError(f"model vision.kind={model_cfg.vision.kind!r}: {where} holds images "
+                          f"prepared for {got.encoder!r} (mean {got.image_mean}, std "
+                          f"{got.image_std}); re-run preprocessing with --vision-encoder "
+                          f"{model_cfg.vision.kind}")
+    if manifest.num_patches_per_image != model_cfg.num_patches:
         raise ConfigError(f"model num_patches={model_cfg.num_patches}: {where} counted "
-                          f"{npatch} patches per image (num_tokens would be wrong)")
-    vocab = tok.get("vocab_size")
-    if vocab is not None and vocab > model_cfg.decoder.vocab_size:
+                          f"{manifest.num_patches_per_image} patches per image (num_tokens would "
+                          "be wrong)")
+    if tok.vocab_size > model_cfg.decoder.vocab_size:
         raise ConfigError(f"model decoder.vocab_size={model_cfg.decoder.vocab_size}: smaller than "
-                          f"the dataset tokenizer's vocab_size {vocab} in {where}")
+                          f"the dataset tokenizer's vocab_size {tok.vocab_size} in {where}")
     # max_seq_len is only the preprocessing cap; the longest sample actually stored decides.
-    longest = _longest_sample(manifest)
-    if longest is not None and longest > model_cfg.decoder.seq_length:
+    longest = manifest.statistics.max_tokens
+    if longest > model_cfg.decoder.seq_length:
         raise ConfigError(f"model decoder.seq_length={model_cfg.decoder.seq_length}: {where} holds "
                           f"samples of up to {longest} tokens (after image splicing)")
-    if manifest.get("image_token_id", model_cfg.image_token_id) != model_cfg.image_token_id:
+    if manifest.image_token_id != model_cfg.image_token_id:
         raise ConfigError(f"model image_token_id={model_cfg.image_token_id}: {where} uses "
-                          f"{manifest.get('image_token_id')}")
-
-
-def _longest_sample(manifest: Dict[str, Any]):
-    stats = manifest.get("statistics") or {}
-    for key in ("num_tokens", "tokens", "sequence_length"):
-        entry = stats.get(key)
-        if isinstance(entry, dict) and "max" in entry:
-            return int(entry["max"])
-    for key in ("max_tokens", "max_num_tokens"):  # preprocessing writes statistics.max_tokens
-        if stats.get(key) is not None:
-            return int(stats[key])
-    return None
+                          f"{manifest.image_token_id}")
 
 
 # Fields that fix tensor shapes or the function the weights compute: an initial checkpoint must
@@ -116,7 +131,7 @@ def _longest_sample(manifest: Dict[str, Any]):
 _SHAPE_FIELDS = {
     "decoder": ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                 "num_query_groups", "vocab_size", "rotary_base", "norm_epsilon"),
-    "vision": ("image_size", "patch_size", "num_layers", "hidden_size", "ffn_hidden_size",
+    "vision": ("kind", "image_size", "patch_size", "num_layers", "hidden_size", "ffn_hidden_size",
                "num_attention_heads", "feature_layer", "norm_epsilon"),
 }
 
@@ -142,5 +157,5 @@ def check_init_from(model_cfg: Any, cfg: TrainConfig) -> None:
     if differing:
         raise ConfigError(
             f"model.init_from={cfg.model.init_from!r} holds a different model than preset "
-            f"{cfg.model.preset!r} with its overrides: " + "; ".join(differing)
-            + " (set model.preset / model.overrides to match the imported model)")
+            f"{cfg.model.preset!r} with the run's model fields: " + "; ".join(differing)
+            + " (set model.preset / model.decoder.* / model.vision.* to match the imported model)")

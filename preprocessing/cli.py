@@ -11,8 +11,10 @@ import logging
 import os
 import sys
 
+from megatron_vwlmm.vision.encoders import ENCODER_KINDS
 from preprocessing.config import (IMAGE_MODES, OUTPUT_FORMATS, OVERLONG, TEMPLATES,
                                   TOKENIZER_BACKENDS, PreprocessConfig)
+from preprocessing.sources import SOURCES, source_choices
 
 EPILOG = """\
 examples:
@@ -28,15 +30,25 @@ examples:
   # a HF tokenizer folder from the mistral_common wheel (no network needed)
   vwlmm-preprocess build-tokenizer tok/
 
+  # size a job first: scan, global dedup and plan only (no image work); the same command
+  # without --plan-only then continues from the plan
+  vwlmm-preprocess --source laion --input 'data/laion/*.tar' 'data/laion/*.parquet' \\
+    --tokenizer tok/ --output s3://bucket/pretrain --plan-only
+
 Defaults reproduce LLaVA-1.5's data (preprocess_plain / preprocess_v1 token for token, its
 image path bit for bit before JPEG storage); --plain-eos, --image-mode, --exif-transpose,
 --jpeg-draft and --tokenizer-backend fast are the named deviations, recorded in the manifest.
 
 Rerunning the same command resumes: finished shards are kept, the rest is redone, and the result
-is byte-identical to an uninterrupted run. Outside `ray job submit` the command joins
---ray-address (or RAY_ADDRESS) or starts a local Ray. S3 uses boto3's standard AWS configuration.
+is byte-identical to an uninterrupted run. A rerun whose input files changed (a file added or
+removed, another size or mtime / ETag) is refused, naming them. Outside `ray job submit` the
+command joins --ray-address (or RAY_ADDRESS) or starts a local Ray. S3 uses boto3's standard AWS
+configuration: --s3-endpoint / --s3-region, else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL /
+AWS_REGION; every Ray worker takes credentials from its own machine's AWS chain (environment,
+shared credentials file, instance role), never from the submitting shell.
 Output: shards (shard-NNNNNN.tar / .arrow; webdataset/ and arrow/ subfolders with --format
-both), manifest.json (written last) and rejects.jsonl (source_id, key, reason, detail).
+both), manifest.json (written last) and rejects.jsonl (source_id, key, reason, detail); WebDataset
+shards come with Megatron-Energon's .nv-meta/ and a .tar.idx each (Energon loads them as they are).
 """
 
 
@@ -44,14 +56,21 @@ def _float_or_none(s: str):
     return None if s.lower() == "none" else float(s)
 
 
+def _source_help() -> str:
+    """One clause per registered source: ``name (alias a): what its inputs are``."""
+    parts = []
+    for s in SOURCES.values():
+        alias = f" (alias {', '.join(s.aliases)})" if s.aliases else ""
+        parts.append(f"{s.name}{alias}: {s.help}")
+    return "; ".join(parts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vwlmm-preprocess", description=__doc__.split("\n\n")[0],
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("input / output")
-    io.add_argument("--source", required=True, choices=["laion", "llava", "sharegpt4v"],
-                    help="laion: img2dataset tars (+ parquet metadata joined by key); "
-                         "llava (alias sharegpt4v): conversation JSON + --image-root")
+    io.add_argument("--source", required=True, choices=source_choices(), help=_source_help())
     io.add_argument("--input", nargs="+", required=True, metavar="PATH",
                     help="files, globs or s3:// URIs (quote globs). laion: .tar and matching "
                          ".parquet (same stem); llava: .json arrays")
@@ -61,8 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="shard format (default %(default)s); both = webdataset/ + arrow/ with identical samples")
     io.add_argument("--samples-per-shard", type=int, default=1000,
                     help="input records per unit/shard (default %(default)s); shards hold fewer when records are rejected")
-    io.add_argument("--s3-endpoint", help="endpoint URL of an S3-compatible store, e.g. http://127.0.0.1:8333")
-    io.add_argument("--overwrite", action="store_true", help="delete --output first instead of resuming")
+    io.add_argument("--s3-endpoint",
+                    help="endpoint URL of an S3-compatible store, e.g. http://127.0.0.1:8333 "
+                         "(default: boto3's, i.e. AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL or AWS)")
+    io.add_argument("--s3-region", help="S3 region (default: boto3's, e.g. AWS_REGION)")
+    io.add_argument("--overwrite", action="store_true",
+                    help="delete the files of an earlier job in --output first instead of resuming "
+                         "(only a job's own files, after every check passed; never a bucket root, "
+                         "a home or top-level folder, a folder holding the inputs, or a non-empty "
+                         "folder that is no job's output)")
     tk = p.add_argument_group("text")
     tk.add_argument("--tokenizer", required=True,
                     help="Hugging Face tokenizer folder (fast tokenizer, plus tokenizer.model for "
@@ -84,11 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--no-dedup", dest="dedup", action="store_false",
                     help="keep exact duplicates (same image bytes and text); dedup is on by default")
     im = p.add_argument_group("images")
+    im.add_argument("--vision-encoder", default="clip", choices=ENCODER_KINDS,
+                    help="the encoder the images are for: its mean colour pads them and its "
+                         "mean/std go into the manifest for the trainer (default %(default)s)")
     im.add_argument("--image-size", type=int, default=336, help="vision resolution (default %(default)s)")
     im.add_argument("--patch-size", type=int, default=14,
                     help="vision patch size; an image counts (size/patch)^2 tokens (default %(default)s)")
     im.add_argument("--image-mode", default=None, choices=IMAGE_MODES,
-                    help="pad: LLaVA's expand2square with the CLIP mean colour, then resize; crop: "
+                    help="pad: LLaVA's expand2square with the encoder's mean colour, then resize; crop: "
                          "CLIP's short side + centre crop (LLaVA's 'square'); resize: squash "
                          "(default: crop with --template plain, as LLaVA-1.5 pretraining; pad "
                          "otherwise, as its fine-tuning)")
@@ -100,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--jpeg-quality", type=int, default=95, help="re-encoding quality (default %(default)s)")
     im.add_argument("--max-image-pixels", type=int, default=89_478_485,
                     help="decompression-bomb limit in pixels (default %(default)s)")
+    im.add_argument("--max-image-bytes", type=int, default=64 << 20,
+                    help="largest image file or tar member read, in bytes; bigger ones are "
+                         "rejected unread as 'file_too_large' (default %(default)s = 64 MiB)")
     im.add_argument("--min-image-side", type=int, default=10,
                     help="reject images whose short side is smaller (default %(default)s)")
     im.add_argument("--max-aspect-ratio", type=_float_or_none, default=None,
@@ -115,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="concurrent Ray tasks (default: the cluster's CPUs); never changes the output")
     rt.add_argument("--ray-address", help="Ray cluster to join, e.g. 127.0.0.1:6379 (default: RAY_ADDRESS or a local Ray)")
     rt.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    rt.add_argument("--plan-only", action="store_true",
+                    help="scan, dedup and plan, then stop (no image work): logs the job's records, "
+                         "units, duplicates and renamed ids; a later run without it continues")
+    rt.add_argument("--dedup-partitions", type=int, metavar="P",
+                    help="partitions of the distributed dedup step, each one task holding its "
+                         "share of the records (default: one per million records); never "
+                         "changes the output")
+    rt.add_argument("--max-in-flight", type=int, metavar="K",
+                    help="Ray tasks submitted at once (default: 2 x workers); bounds scheduler "
+                         "and driver memory on jobs of millions of units; never changes the output")
     return p
 
 
@@ -140,11 +182,16 @@ def _build_tokenizer(argv: list[str]) -> int:
         description="Convert Mistral-7B's SentencePiece model from the mistral_common wheel into "
                     "a Hugging Face tokenizer folder (32000 pieces, BOS=1, EOS=2), with the "
                     "model itself as tokenizer.model, as Hugging Face Mistral repositories ship it.")
-    p.add_argument("out_dir", help="folder to create (kept if it already holds tokenizer.json)")
+    p.add_argument("out_dir", help="folder to create (kept as it is if it already holds "
+                                   "tokenizer.json; any other non-empty folder is refused)")
     args = p.parse_args(argv)
     from preprocessing.tokenizer import build_mistral_hf_tokenizer
 
-    print(build_mistral_hf_tokenizer(args.out_dir))
+    try:
+        print(build_mistral_hf_tokenizer(args.out_dir))
+    except FileExistsError as exc:
+        print(f"vwlmm-preprocess build-tokenizer: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -20,15 +20,19 @@ import json
 import os
 from dataclasses import dataclass
 
-SOURCES = ("laion", "llava")
-SOURCE_ALIASES = {"sharegpt4v": "llava"}
+from megatron_vwlmm.vision.encoders import ENCODER_KINDS, get_encoder_kind
+from preprocessing.sources import canonical_name, get_source, source_choices
+from preprocessing.sources.base import DEFAULT_MAX_IMAGE_BYTES
+from vwlmm_data.storage import S3Options
+
 TEMPLATES = ("plain", "vicuna_v1", "mistral")
 OUTPUT_FORMATS = ("webdataset", "arrow", "both")
 IMAGE_MODES = ("pad", "resize", "crop")
 OVERLONG = ("drop", "truncate")
 TOKENIZER_BACKENDS = ("auto", "sentencepiece", "fast")
 # ``output`` is runtime too: the manifest lives in it, and moving a dataset must not change it.
-RUNTIME_FIELDS = ("output", "num_workers", "ray_address", "overwrite", "s3_endpoint", "progress")
+RUNTIME_FIELDS = ("output", "num_workers", "ray_address", "overwrite", "s3_endpoint", "s3_region",
+                  "progress", "plan_only", "dedup_partitions", "max_in_flight")
 
 
 def _fail(name: str, value, why: str) -> None:
@@ -49,6 +53,9 @@ class PreprocessConfig:
     tokenizer_backend: str = "auto"
     image_root: str | None = None
     format: str = "webdataset"
+    # The vision encoder the images are prepared for (megatron_vwlmm/vision/encoders.py): its
+    # mean colour pads images, its mean/std are recorded in the manifest for the trainer.
+    vision_encoder: str = "clip"
     # Images: CLIP ViT-L/14-336 by default -> (336 / 14)^2 = 576 patch tokens per image.
     image_size: int = 336
     patch_size: int = 14
@@ -61,6 +68,9 @@ class PreprocessConfig:
     jpeg_draft: bool = False
     jpeg_quality: int = 95
     max_image_pixels: int = 89_478_485  # Pillow's own decompression-bomb threshold
+    # Bytes read for one image file or one tar member at most; bigger ones are rejected
+    # ("file_too_large") unread. 64 MiB is ~10x the largest photos of LAION / LLaVA data.
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     min_image_side: int = 10
     max_aspect_ratio: float | None = None
     # LAION filters (None = off).
@@ -77,33 +87,47 @@ class PreprocessConfig:
     # Runtime only (see module docstring).
     num_workers: int | None = None
     ray_address: str | None = None
+    # S3 location (None: boto3's resolution, e.g. AWS_ENDPOINT_URL_S3 / AWS_REGION); credentials
+    # always come from the standard AWS chain of the machine that reads or writes.
     s3_endpoint: str | None = None
+    s3_region: str | None = None
     overwrite: bool = False
     progress: bool = True
+    # Stop after scan, dedup and plan (no image work): sizes a job; a later run continues from it.
+    plan_only: bool = False
+    # Partitions of the distributed dedup step (None: one per million records,
+    # preprocessing/plan.py); the decisions are the same for any count.
+    dedup_partitions: int | None = None
+    # Ray tasks in flight at once (None: twice the workers): bounds what the scheduler, the
+    # object store and the driver hold on jobs of millions of units.
+    max_in_flight: int | None = None
 
     def __post_init__(self) -> None:
-        self.source = SOURCE_ALIASES.get(self.source, self.source)
-        if self.source not in SOURCES:
-            _fail("source", self.source, f"must be one of {SOURCES} (or alias 'sharegpt4v')")
+        try:
+            self.source = canonical_name(self.source)
+        except KeyError:
+            _fail("source", self.source, f"must be one of {source_choices()}")
         if not self.inputs:
             _fail("inputs", self.inputs, "at least one input file, glob or s3:// URI is needed")
-        if self.source == "llava" and not self.image_root:
-            _fail("image_root", self.image_root, "--source llava needs --image-root")
+        if get_source(self.source).needs_image_root and not self.image_root:
+            _fail("image_root", self.image_root, f"--source {self.source} needs --image-root")
         if self.image_mode is None:
             self.image_mode = "crop" if self.template == "plain" else "pad"
         for name, allowed in (
             ("template", TEMPLATES), ("format", OUTPUT_FORMATS),
             ("image_mode", IMAGE_MODES), ("overlong", OVERLONG),
-            ("tokenizer_backend", TOKENIZER_BACKENDS),
+            ("tokenizer_backend", TOKENIZER_BACKENDS), ("vision_encoder", ENCODER_KINDS),
         ):
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), f"must be one of {allowed}")
-        if self.image_size <= 0 or self.patch_size <= 0 or self.image_size % self.patch_size:
-            _fail("image_size", self.image_size,
-                  f"must be a positive multiple of patch_size={self.patch_size}")
+        grid_error = get_encoder_kind(self.vision_encoder).grid_error(self.image_size,
+                                                                      self.patch_size)
+        if grid_error is not None:
+            _fail("image_size", self.image_size, f"{grid_error} ({self.vision_encoder} encoder)")
         if not 1 <= self.jpeg_quality <= 100:
             _fail("jpeg_quality", self.jpeg_quality, "must be in 1..100")
-        for name in ("samples_per_shard", "max_seq_len", "max_image_pixels", "min_image_side"):
+        for name in ("samples_per_shard", "max_seq_len", "max_image_pixels", "min_image_side",
+                     "max_image_bytes"):
             if getattr(self, name) < 1:
                 _fail(name, getattr(self, name), "must be >= 1")
         if self.max_seq_len <= self.num_patches:
@@ -113,8 +137,9 @@ class PreprocessConfig:
             _fail("max_aspect_ratio", self.max_aspect_ratio, "must be >= 1 (long side / short side)")
         if self.min_caption_chars < 0:
             _fail("min_caption_chars", self.min_caption_chars, "must be >= 0")
-        if self.num_workers is not None and self.num_workers < 1:
-            _fail("num_workers", self.num_workers, "must be >= 1")
+        for name in ("num_workers", "dedup_partitions", "max_in_flight"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                _fail(name, getattr(self, name), "must be >= 1")
         if self.plain_eos and self.template != "plain":
             _fail("plain_eos", self.plain_eos, f"only applies to template 'plain', not {self.template!r}")
         from preprocessing.legacy_tokenizer import SENTENCEPIECE_FILE, resolve_backend
@@ -128,6 +153,10 @@ class PreprocessConfig:
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def s3(self) -> S3Options:
+        return S3Options(endpoint_url=self.s3_endpoint, region=self.s3_region)
 
     @property
     def formats(self) -> tuple[str, ...]:

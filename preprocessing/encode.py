@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_vwlmm.vision.encoders import get_encoder_kind
 from preprocessing.config import PreprocessConfig
 from preprocessing.images import ImageReject, ImageSettings, process_image
-from preprocessing.schema import IGNORE_INDEX, IMAGE_TOKEN_ID
-from preprocessing.sources import RawRecord
+from preprocessing.sources import RawRecord, get_source
 from preprocessing.templates import TemplateError, tokenize
+from vwlmm_data.contract import IGNORE_INDEX, IMAGE_TOKEN_ID
 
 
 @dataclass
@@ -47,7 +48,8 @@ def image_settings(cfg: PreprocessConfig) -> ImageSettings:
     return ImageSettings(size=cfg.image_size, mode=cfg.image_mode, jpeg_quality=cfg.jpeg_quality,
                          max_pixels=cfg.max_image_pixels, min_side=cfg.min_image_side,
                          max_aspect_ratio=cfg.max_aspect_ratio,
-                         exif_transpose=cfg.exif_transpose, jpeg_draft=cfg.jpeg_draft)
+                         exif_transpose=cfg.exif_transpose, jpeg_draft=cfg.jpeg_draft,
+                         pad_color=get_encoder_kind(cfg.vision_encoder).pad_color)
 
 
 def text_tokenizer(cfg: PreprocessConfig, tokenizer):
@@ -70,7 +72,8 @@ def _number(meta: dict, name: str) -> float | None:
 
 
 def metadata_filters(rec: RawRecord, cfg: PreprocessConfig) -> None:
-    """LAION-style filters on metadata and caption; a missing score never rejects."""
+    """LAION-style filters on metadata scores (a missing score never rejects), then the source's
+    own filters (LAION: caption length)."""
     for name, limit, reason, above in (
         ("punsafe", cfg.max_punsafe, "unsafe", True),
         ("pwatermark", cfg.max_pwatermark, "watermark", True),
@@ -79,12 +82,9 @@ def metadata_filters(rec: RawRecord, cfg: PreprocessConfig) -> None:
         value = _number(rec.meta, name)
         if limit is not None and value is not None and (value > limit if above else value < limit):
             raise Reject(reason, f"{name}={value:g} {'>' if above else '<'} {limit:g}")
-    if cfg.source == "laion" and rec.turns:
-        n = len(rec.turns[-1].text.strip())
-        if n < cfg.min_caption_chars:
-            raise Reject("caption_too_short", f"{n} chars < {cfg.min_caption_chars}")
-        if cfg.max_caption_chars is not None and n > cfg.max_caption_chars:
-            raise Reject("caption_too_long", f"{n} chars > {cfg.max_caption_chars}")
+    rejected = get_source(cfg.source).reject(rec, cfg)
+    if rejected is not None:
+        raise Reject(*rejected)
 
 
 def _fit_length(ids: np.ndarray, labels: np.ndarray, n_img: int, cfg: PreprocessConfig):
@@ -105,6 +105,10 @@ def _fit_length(ids: np.ndarray, labels: np.ndarray, n_img: int, cfg: Preprocess
 def encode(rec: RawRecord, cfg: PreprocessConfig, tokenizer) -> Sample:
     if rec.error is not None:
         raise Reject(*rec.error)
+    try:
+        meta = rec.meta_json()
+    except (RecursionError, ValueError) as exc:  # nested too deeply / not serialisable
+        raise Reject("bad_metadata", f"metadata cannot be stored: {type(exc).__name__}") from exc
     metadata_filters(rec, cfg)
     try:
         tok = tokenize(cfg.template, rec.turns, text_tokenizer(cfg, tokenizer), cfg.plain_eos)
@@ -124,7 +128,7 @@ def encode(rec: RawRecord, cfg: PreprocessConfig, tokenizer) -> Sample:
             raise Reject(exc.reason, detail) from exc
     return Sample(key=rec.key, source_id=rec.source_id, images=images, input_ids=ids,
                   labels=labels, num_images=tok.num_images, num_tokens=num_tokens,
-                  template=cfg.template, meta=rec.meta_json())
+                  template=cfg.template, meta=meta)
 
 
 def header_bytes(sample: Sample) -> bytes:

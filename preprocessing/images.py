@@ -5,9 +5,9 @@ worker. The modes are LLaVA-1.5's image path on the decoded RGB image (``PIL.Ima
 .convert("RGB")``, no EXIF orientation unless ``exif_transpose``), before CLIP's rescale and
 normalisation, which the trainer applies:
 
-- ``pad``: LLaVA's ``expand2square`` (the image centred on a square of the CLIP mean colour as
-  LLaVA computes it, ``int(mean * 255)`` = (122, 116, 104), so padding normalises to ~0), then
-  CLIP's bicubic resize. LLaVA-1.5 fine-tuning (``image_aspect_ratio="pad"``).
+- ``pad``: LLaVA's ``expand2square`` (the image centred on a square of the encoder's mean colour
+  as LLaVA computes it, ``int(mean * 255)``: (122, 116, 104) for CLIP, so padding normalises to
+  ~0), then CLIP's bicubic resize. LLaVA-1.5 fine-tuning (``image_aspect_ratio="pad"``).
 - ``crop``: CLIP's own preprocessing, short side to ``size`` (long side ``int(size * long /
   short)``, as transformers computes it), centre crop. LLaVA-1.5 pretraining ("square").
 - ``resize``: squash to a square (no LLaVA stage uses it).
@@ -29,10 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from preprocessing.schema import CLIP_MEAN
+from megatron_vwlmm.vision.encoders import get_encoder_kind
 
-# LLaVA: tuple(int(x * 255) for x in image_processor.image_mean) -- truncated, not rounded.
-PAD_COLOR = tuple(int(c * 255) for c in CLIP_MEAN)
 _RESAMPLE = Image.Resampling.BICUBIC  # as CLIPImageProcessor
 
 
@@ -52,9 +50,11 @@ class ImageSettings:
     max_aspect_ratio: float | None = None
     exif_transpose: bool = False  # LLaVA ignores EXIF orientation
     jpeg_draft: bool = False  # reduced-scale JPEG decoding: faster, pixels no longer LLaVA's
+    # The vision encoder's mean colour (VisionEncoderKind.pad_color); CLIP's by default.
+    pad_color: tuple[int, int, int] = get_encoder_kind("clip").pad_color
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def _to_rgb(im: Image.Image, pad_color: tuple[int, int, int]) -> Image.Image:
     """Any Pillow mode to 8-bit RGB, compositing transparency onto the pad colour."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16/32-bit and float greyscale: Pillow's convert() clips to 0..255; rescale by range.
@@ -68,7 +68,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("LA", "La", "PA", "RGBa"):
         im = im.convert("RGBA")
     if im.mode == "RGBA":
-        background = Image.new("RGB", im.size, PAD_COLOR)
+        background = Image.new("RGB", im.size, pad_color)
         background.paste(im, mask=im.getchannel("A"))
         return background
     return im.convert("RGB") if im.mode != "RGB" else im
@@ -78,7 +78,7 @@ def _fit(im: Image.Image, s: ImageSettings) -> Image.Image:
     w, h = im.size
     if s.mode == "pad":
         side = max(w, h)
-        square = Image.new("RGB", (side, side), PAD_COLOR)
+        square = Image.new("RGB", (side, side), s.pad_color)
         square.paste(im, ((side - w) // 2, (side - h) // 2))
         return square.resize((s.size, s.size), _RESAMPLE)
     if s.mode == "resize":
@@ -136,7 +136,7 @@ def process_image(data: bytes, s: ImageSettings) -> bytes:
 
 def fit_image(im: Image.Image, s: ImageSettings) -> Image.Image:
     """A decoded image -> the RGB array the vision encoder sees (before JPEG storage)."""
-    return _fit(_to_rgb(im), s)
+    return _fit(_to_rgb(im, s.pad_color), s)
 
 
 def encode_jpeg(im: Image.Image, quality: int) -> bytes:

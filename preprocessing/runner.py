@@ -1,34 +1,46 @@
-"""The driver of a preprocessing job: scan -> plan (global dedup) -> Ray tasks -> manifest.
+"""The driver of a preprocessing job: inputs -> scan -> dedup and plan -> unit tasks -> manifest.
 
-The driver holds only per-record keys and 16-byte digests (for exact dedup across the whole
-job), never samples or images. Work is cut into *units* (a slice of one input file, at most
-``samples_per_shard`` records) that map 1:1 to output shards, so shard boundaries and names
-depend only on the inputs and the config, never on the number of workers or on timing.
+The driver holds metadata proportional to the number of input files and units, never records:
+scans, digests and dedup decisions live in the job's state folder (``preprocessing/job_state.py``),
+written and read by tasks; the global dedup is a partitioned step (``preprocessing/dedup.py``,
+``preprocessing/plan.py``); units are streamed from the plan with at most ``max_in_flight``
+tasks in flight (``preprocessing/scheduling.py``); the manifest is merged from the unit records
+as a stream (``preprocessing/finalize.py``). Units map 1:1 to output shards, so shard boundaries
+and names depend only on the inputs and the config, never on the number of workers, on the
+number of dedup partitions or on timing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from preprocessing import storage
+from preprocessing import dedup, output_guard
 from preprocessing.config import PreprocessConfig
+from preprocessing.finalize import finalize
+from preprocessing.job_state import JobState, check_inputs, read_scan, write_scan
 from preprocessing.local_ray import private_local_ray
-from preprocessing.schema import (FORMAT_VERSION, IGNORE_INDEX, IMAGE_TOKEN_ID, MANIFEST_NAME,
-                                  REJECTS_NAME)
-from preprocessing.sources import laion, llava
+from preprocessing.plan import (InputFile, build_plan, default_partitions, iter_units, read_plan,
+                                task_unit)
+from preprocessing.scheduling import bounded_executor
+from preprocessing.sources import get_source
 from preprocessing.tokenizer import tokenizer_identity
-from preprocessing.worker import CRASH_ENV, STATE_DIR, process_unit, unit_record_uri
-from preprocessing.writers import StagedFile
+from preprocessing.worker import CRASH_ENV, process_unit
+from vwlmm_data import storage
+from vwlmm_data.contract import MANIFEST_NAME, Manifest, load_manifest
+from vwlmm_data.storage import FileInfo
 
 log = logging.getLogger("vwlmm.preprocess")
+# Test hook: "dedup:N" makes the driver SIGKILL itself once N tasks of the dedup step finished,
+# to prove that a job killed inside that step resumes to the same bytes.
+KILL_ENV = "VWLMM_PREPROCESS_KILL_AFTER"
 
 
 def _version() -> str:
@@ -40,119 +52,70 @@ def _version() -> str:
         return "0+unknown"
 
 
-@dataclass
-class _InputFile:
-    index: int
-    uri: str
-    parquet: str | None = None
-
-
-def _inputs(cfg: PreprocessConfig) -> list[_InputFile]:
-    files: list[str] = []
+def _expanded(cfg: PreprocessConfig) -> list[FileInfo]:
+    """Every file ``--input`` names, in order, with its size and version (``inputs.json``)."""
+    infos, seen = [], set()
     for pattern in cfg.inputs:
-        found = storage.expand(pattern)
+        found = storage.expand_info(pattern, cfg.s3)
         if not found:
             raise FileNotFoundError(f"--input {pattern!r} matches no file")
-        files += [f for f in found if f not in files]
-    if cfg.source == "laion":
-        return [_InputFile(i, t, p) for i, (t, p) in enumerate(laion.pair_inputs(files))]
-    return [_InputFile(i, f) for i, f in enumerate(files)]
+        for info in found:
+            if info.uri not in seen:
+                seen.add(info.uri)
+                infos.append(info)
+    return infos
 
 
-def _scan_file(cfg_dict: dict, f: _InputFile) -> list[dict]:
-    """Scan one input file (in a worker), caching the result under the state folder."""
+def _inputs(cfg: PreprocessConfig, expanded: list[FileInfo] | None = None) -> list[InputFile]:
+    """The files the source reads, in order (a LAION tar carries its parquet as a unit field)."""
+    uris = [i.uri for i in (_expanded(cfg) if expanded is None else expanded)]
+    return [InputFile(i, uri, fields)
+            for i, (uri, fields) in enumerate(get_source(cfg.source).input_files(uris))]
+
+
+def _unit_of(cfg: PreprocessConfig, state: JobState, f: InputFile, locator: dict) -> dict:
+    """What a source's ``digests`` gets for one unit of ``f``: the unit as ``plan_batch`` plans
+    it (less its global index) and ``task_unit`` hands it to its task."""
+    return {"source": cfg.source, "file": f.uri, "file_index": f.index, **f.unit_fields,
+            **locator, "scratch": state.records_prefix(f.index)}
+
+
+def _scan_file(cfg_dict: dict, f: InputFile) -> dict:
+    """Scan one input file into the job state (kept: a rerun reuses it); returns its counts, and
+    its unit locators when its digests are still to be computed from the images."""
     cfg = PreprocessConfig(**cfg_dict)
-    storage.configure(cfg.s3_endpoint)
-    cache = storage.join(cfg.output, STATE_DIR, "scan", f"{f.index:06d}.json")
-    if storage.exists(cache):
-        cached = json.loads(storage.read_bytes(cache))
-        if cached["file"] == f.uri:
-            return cached["records"]
-    if cfg.source == "laion":
-        if not storage.exists(f.uri):
-            raise FileNotFoundError(f"input {f.uri} does not exist")
-        records = laion.scan(f.uri)
-    else:
-        records = llava.split(f.uri, _records_prefix(cfg, f), cfg.samples_per_shard)
-    storage.write_bytes(cache, json.dumps({"file": f.uri, "records": records}).encode())
-    return records
+    state = JobState(cfg.output, cfg.s3)
+    scan = read_scan(state, f.index, f.uri)
+    if scan is None:
+        found = get_source(cfg.source).scan(f.uri, cfg, state.records_prefix(f.index))
+        write_scan(state, f.index, f.uri, found.keys, found.digests, found.units)
+        scan = dataclasses.asdict(found)
+    return {"index": f.index, "num_records": len(scan["keys"]), "num_units": len(scan["units"]),
+            "units": scan["units"] if scan["digests"] is None else None}
 
 
-def _records_prefix(cfg: PreprocessConfig, f: _InputFile) -> str:
-    return storage.join(cfg.output, STATE_DIR, "records", f"{f.index:06d}")
-
-
-def _digest_unit(cfg_dict: dict, f: _InputFile, chunk: int) -> list:
-    """LLaVA dedup digests of one unit file (reads its images), cached like the scan."""
+def _digest_unit(cfg_dict: dict, f: InputFile, chunk: int, unit: dict) -> None:
+    """Dedup digests of one unit (the source reads its images), into the job state."""
     cfg = PreprocessConfig(**cfg_dict)
-    storage.configure(cfg.s3_endpoint)
-    cache = storage.join(cfg.output, STATE_DIR, "digests", f"{f.index:06d}-{chunk:06d}.json")
-    if storage.exists(cache):
-        return json.loads(storage.read_bytes(cache))
-    found = llava.digests(f"{_records_prefix(cfg, f)}-{chunk:06d}.jsonl",
-                          chunk * cfg.samples_per_shard, cfg.image_root, f.uri.rsplit("/", 1)[-1])
-    storage.write_bytes(cache, json.dumps(found).encode())
-    return found
+    state = JobState(cfg.output, cfg.s3)
+    uri = state.digests_uri(f.index, chunk)
+    if not state.exists(uri):
+        state.write_json(uri, get_source(cfg.source).digests(unit, cfg))
 
 
-def plan_units(cfg: PreprocessConfig, files: list[_InputFile], scans: list[list[dict]]):
-    """Cut files into units and decide duplicates / key collisions in global input order."""
-    units, decisions = [], []
-    first_key_of: dict[str, str] = {}
-    used_keys: set[str] = set()
-    sps = cfg.samples_per_shard
-    for f, records in zip(files, scans):
-        for c in range(0, len(records), sps):
-            chunk = records[c:c + sps]
-            unit = {"index": len(units), "source": cfg.source, "file": f.uri,
-                    "num_records": len(chunk)}
-            if cfg.source == "laion":
-                unit.update(parquet=f.parquet, start=chunk[0]["start"], end=chunk[-1]["end"])
-            else:
-                unit.update(records_uri=f"{_records_prefix(cfg, f)}-{c // sps:06d}.jsonl", first_index=c,
-                            origin=f.uri.rsplit("/", 1)[-1])
-            dec: dict[int, list] = {}
-            for i, r in enumerate(chunk):
-                digest = r.get("digest")
-                if cfg.dedup and digest and digest in first_key_of:
-                    dec[i] = ["duplicate", first_key_of[digest]]
-                    continue
-                key, n = r["key"], 1
-                while key in used_keys:  # same id twice with different content: keep both
-                    key, n = f"{r['key']}_{n}", n + 1
-                if key != r["key"]:
-                    dec[i] = ["rename", key]
-                used_keys.add(key)
-                if digest:
-                    first_key_of.setdefault(digest, key)
-            units.append(unit)
-            decisions.append(dec)
-    return units, decisions
-
-
-def _check_state(cfg: PreprocessConfig) -> bool:
+def _check_config(cfg: PreprocessConfig, state: JobState) -> bool:
     """Refuse to mix configs in one output folder; True when the job already finished."""
-    state = storage.join(cfg.output, STATE_DIR, "config.json")
-    if storage.exists(state):
-        old = json.loads(storage.read_bytes(state))
+    if state.exists(state.config_uri):
+        old = state.read_json(state.config_uri)
         if old["fingerprint"] != cfg.fingerprint():
             new = cfg.content_dict()
             diff = sorted(k for k in set(old["config"]) | set(new) if old["config"].get(k) != new.get(k))
             raise ValueError(f"{cfg.output} holds a job with a different config (fields {diff}); "
                              "use another --output or pass --overwrite")
     else:
-        storage.write_bytes(state, json.dumps({"fingerprint": cfg.fingerprint(),
-                                               "config": cfg.content_dict()}, sort_keys=True).encode())
-    return storage.exists(storage.join(cfg.output, MANIFEST_NAME))
-
-
-def _remove_stale_temps(output: str) -> None:
-    """Temp files of a killed run (local outputs only; S3 staging lives in the worker's /tmp)."""
-    if storage.is_s3(output) or not os.path.isdir(output):
-        return
-    for path in storage.list_prefix(output):
-        if os.path.basename(path).startswith(".tmp-"):
-            os.unlink(path)
+        state.write_json(state.config_uri, {"fingerprint": cfg.fingerprint(),
+                                            "config": cfg.content_dict()})
+    return state.exists(storage.join(cfg.output, MANIFEST_NAME))
 
 
 @contextlib.contextmanager
@@ -176,172 +139,154 @@ def _ray_session(cfg: PreprocessConfig):
             yield ray
 
 
-def _run_bounded(ray, fn, args_list, limit: int, options: dict, on_done=lambda r: r) -> list:
-    """Submit tasks keeping at most ``limit`` in flight; ``on_done(result)``s in submission order."""
-    remote = ray.remote(fn).options(num_cpus=1, max_retries=3, **options)
-    results: list = [None] * len(args_list)
-    pending: dict = {}
-    nxt = 0
-    while nxt < len(args_list) or pending:
-        while nxt < len(args_list) and len(pending) < limit:
-            pending[remote.remote(*args_list[nxt])] = nxt
-            nxt += 1
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for ref in done:
-            i = pending.pop(ref)
-            results[i] = on_done(ray.get(ref))
-    return results
+# The only variable the driver passes to its tasks (a test hook, see worker.CRASH_ENV). S3 settings
+# travel in the config (``PreprocessConfig.s3``); credentials never leave the machine they are on:
+# Ray records a runtime_env in its logs, State API and dashboard, so each worker reads S3 with the
+# standard AWS credential chain of its own node (environment, shared credentials file, role).
+FORWARDED_ENV = (CRASH_ENV,)
 
 
-# Passed from the driver to the tasks: workers run with the Ray node's environment, which need not
-# hold the submitting user's S3 credentials.
-FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
-                 "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_CONFIG_FILE",
-                 "AWS_SHARED_CREDENTIALS_FILE", CRASH_ENV)
-
-
-def _task_env() -> dict:
+def task_options() -> dict:
+    """Ray task options for this job's tasks (a runtime_env only for ``FORWARDED_ENV``)."""
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
-def _summary(unit_result: dict) -> dict:
-    """A unit's result without its reject list (re-read from storage when finalizing)."""
-    return {k: v for k, v in unit_result.items() if k != "rejects"}
+def _kill_hook():
+    """``on_result`` for ``KILL_ENV`` (None when unset)."""
+    step, _, count = os.environ.get(KILL_ENV, "").partition(":")
+    if step != "dedup":
+        return None
+    finished = [0]
+
+    def on_result(fn, _result) -> None:
+        if fn.__module__ == dedup.__name__:
+            finished[0] += 1
+            if finished[0] >= int(count):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_result
 
 
 @dataclass
 class RunSummary:
-    """What a run did (the manifest says what the dataset is)."""
+    """What a run did (the manifest says what the dataset is; None after ``--plan-only``)."""
 
-    manifest: dict
+    manifest: Manifest | None
+    plan: dict | None = None  # the plan summary (records, units, duplicates, renames, batches)
     units_done: int = 0  # processed by this run
     units_skipped: int = 0  # already finished by an earlier, interrupted run
-    seconds: float = 0.0  # wall time of the whole run (scan, units, finalize)
+    seconds: float = 0.0  # wall time of the whole run (scan, plan, units, finalize)
     task_cpu_seconds: float = 0.0  # CPU time spent inside the unit tasks
 
 
 def run(cfg: PreprocessConfig) -> RunSummary:
-    """Run (or resume) the job."""
+    """Run (or resume) the job; with ``plan_only``, stop once it is planned."""
     t_start = time.perf_counter()
-    storage.configure(cfg.s3_endpoint)
-    if cfg.overwrite:
-        storage.remove_tree(cfg.output)
-    if _check_state(cfg):
-        log.info("%s is complete (manifest present); nothing to do", cfg.output)
-        return RunSummary(json.loads(storage.read_bytes(storage.join(cfg.output, MANIFEST_NAME))))
-    _remove_stale_temps(cfg.output)
+    # Validate what can fail before anything is deleted or written (output_guard).
     tok_info = tokenizer_identity(cfg.tokenizer)
-    files = _inputs(cfg)
+    expanded = _expanded(cfg)
+    files = _inputs(cfg, expanded)
+    output_guard.prepare_output(cfg)
+    state = JobState(cfg.output, cfg.s3)
+    complete = _check_config(cfg, state)
+    check_inputs(state, expanded, complete)
+    if complete:
+        log.info("%s is complete (manifest present); nothing to do", cfg.output)
+        return RunSummary(load_manifest(cfg.output, cfg.s3), read_plan(state))
+    output_guard.remove_stale_temps(cfg)
     with _ray_session(cfg) as ray:
         return _process(cfg, ray, files, tok_info, t_start)
 
 
-def _process(cfg: PreprocessConfig, ray, files, tok_info, t_start: float) -> RunSummary:
-    """Scan, dedup, plan and process the units on ``ray``; finalize the manifest."""
-    workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+def _plan(cfg: PreprocessConfig, run_tasks, state: JobState, files: list[InputFile]) -> dict:
+    """Scan (and digest) the inputs, then the dedup and plan steps; the plan summary."""
     cfg_dict = dataclasses.asdict(cfg)
     t0 = time.perf_counter()
-    log.info("scanning %d input file(s) with %d worker(s)", len(files), workers)
-    scans = _run_bounded(ray, _scan_file, [(cfg_dict, f) for f in files], workers, _task_env())
-    if cfg.source == "llava" and cfg.dedup:
-        jobs = [(cfg_dict, f, c) for f, recs in zip(files, scans)
-                for c in range(-(-len(recs) // cfg.samples_per_shard))]
-        found = _run_bounded(ray, _digest_unit, jobs, workers, _task_env())
-        for (_, f, c), chunk_digests in zip(jobs, found):
-            for i, d in enumerate(chunk_digests):
-                scans[f.index][c * cfg.samples_per_shard + i]["digest"] = d
-    units, decisions = plan_units(cfg, files, scans)
-    total = sum(u["num_records"] for u in units)
-    log.info("%d records in %d unit(s) (scan %.1fs)", total, len(units), time.perf_counter() - t0)
+    num_records, num_units = [0] * len(files), [0] * len(files)
+    to_digest = []
+    for r in run_tasks(_scan_file, ((cfg_dict, f) for f in files)):
+        num_records[r["index"]], num_units[r["index"]] = r["num_records"], r["num_units"]
+        if cfg.dedup and r["units"] is not None:  # digests that need the images
+            to_digest.append((r["index"], r["units"]))
+    to_digest.sort(key=lambda d: d[0])
+    jobs = ((cfg_dict, files[i], c, _unit_of(cfg, state, files[i], loc))
+            for i, locators in to_digest for c, loc in enumerate(locators))
+    for _ in run_tasks(_digest_unit, jobs):
+        pass
+    del to_digest
+    total = sum(num_records)
+    partitions = cfg.dedup_partitions or default_partitions(total)
+    log.info("scanned %d record(s) in %d file(s) (%.1fs); dedup in %d partition(s)", total,
+             len(files), time.perf_counter() - t0, partitions)
+    return build_plan(run_tasks, state, files, num_units, num_records, partitions=partitions,
+                      dedup_on=cfg.dedup, unit_fields={"source": cfg.source})
 
-    results: dict[int, dict] = {}
-    todo = []
-    for u, d in zip(units, decisions):
-        uri = unit_record_uri(cfg.output, u["index"])
-        if storage.exists(uri):
-            results[u["index"]] = _summary(json.loads(storage.read_bytes(uri)))
-        else:
-            todo.append((cfg_dict, u, d))
-    bar = tqdm(total=total, unit="rec", disable=not cfg.progress, mininterval=1.0,
-               desc="preprocess", dynamic_ncols=True)
-    counts = {"good": 0, "rejected": 0, "cpu": 0.0}
 
-    def tick(r: dict) -> None:
-        counts["good"] += r["num_samples"]
-        counts["cpu"] += r.pop("cpu_seconds", 0.0)
-        counts["rejected"] += len(r["rejects"])
-        rate = counts["good"] / max(time.perf_counter() - t1, 1e-9)
-        bar.set_postfix(samples=counts["good"], rejected=counts["rejected"],
-                        samples_per_s=f"{rate:.1f}", refresh=False)
-        bar.update(r["num_records"])
-        return _summary(r)
+def _finished_units(state: JobState, num_units: int) -> bytearray:
+    """done[i] = 1 when unit i's result record exists (one listing of the units folder)."""
+    done = bytearray(num_units)
+    for uri in storage.list_prefix(state.units_dir, state.s3):
+        name = uri.rsplit("/", 1)[-1]
+        if name.endswith(".json") and name[:-5].isdigit() and int(name[:-5]) < num_units:
+            done[int(name[:-5])] = 1
+    return done
 
-    for r in results.values():
-        bar.update(r["num_records"])
-    if results:
-        log.info("resuming: %d of %d unit(s) already done", len(results), len(units))
+
+def _process(cfg: PreprocessConfig, ray, files: list[InputFile], tok_info,
+             t_start: float) -> RunSummary:
+    """Plan (or reuse the plan) and process the units on ``ray``; finalize the manifest."""
+    state = JobState(cfg.output, cfg.s3)
+    workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    limit = cfg.max_in_flight or 2 * workers
+    hook = _kill_hook()
+    counts = {"records": 0, "good": 0, "rejected": 0, "cpu": 0.0}
+
+    def on_result(fn, result) -> None:
+        if hook is not None:
+            hook(fn, result)
+        if isinstance(result, dict) and "stats" in result:  # a unit's result
+            counts["records"] += result["num_records"]
+            counts["good"] += result["num_samples"]
+            counts["rejected"] += len(result.pop("rejects"))
+            counts["cpu"] += result.pop("cpu_seconds", 0.0)
+
+    run_tasks = bounded_executor(ray, limit, task_options(), on_result)
+    t0 = time.perf_counter()
+    summary = read_plan(state)
+    if summary is None:
+        log.info("planning %d input file(s) with %d worker(s), at most %d task(s) in flight",
+                 len(files), workers, limit)
+        summary = _plan(cfg, run_tasks, state, files)
+    log.info("plan: %d record(s) in %d unit(s) from %d file(s); %d duplicate(s), %d renamed id(s) "
+             "(%.1fs)", summary["num_records"], summary["num_units"], summary["num_files"],
+             summary["num_duplicates"], summary["num_renames"], time.perf_counter() - t0)
+    if cfg.plan_only:
+        return RunSummary(None, summary, seconds=time.perf_counter() - t_start)
+
+    done = _finished_units(state, summary["num_units"])
+    skipped = sum(done)
+    if skipped:
+        log.info("resuming: %d of %d unit(s) already done", skipped, summary["num_units"])
+    cfg_dict = dataclasses.asdict(cfg)
+    todo = ((cfg_dict, task_unit(state, u), None) for u in iter_units(state, summary)
+            if not done[u["index"]])
+    bar = tqdm(total=summary["num_units"], initial=skipped, unit="unit", disable=not cfg.progress,
+               mininterval=1.0, desc="preprocess", dynamic_ncols=True)
     t1 = time.perf_counter()
-    options = _task_env()
-    for r in _run_bounded(ray, process_unit, todo, workers, options, tick):
-        results[r["index"]] = r
+    for _ in run_tasks(process_unit, todo):
+        dt = max(time.perf_counter() - t1, 1e-9)
+        bar.set_postfix(records_per_s=f"{counts['records'] / dt:.1f}", samples=counts["good"],
+                        rejected=counts["rejected"], refresh=False)
+        bar.update(1)
     bar.close()
-    _remove_stale_temps(cfg.output)  # left by workers that died mid-write and were retried
-    manifest = _finalize(cfg, tok_info, [results[u["index"]] for u in units])
+    del done
+    output_guard.remove_stale_temps(cfg)  # left by workers that died mid-write and were retried
+    manifest = finalize(cfg, state, iter_units(state, summary), tok_info, _version())
     dt = time.perf_counter() - t1
     log.info("done: %d samples written, %d rejected %s, %d shard(s), %.1fs (%.1f samples/s)",
-             manifest["num_samples"], sum(manifest["rejected"].values()), manifest["rejected"],
-             len(manifest["shards"]), dt, counts["good"] / max(dt, 1e-9))
-    return RunSummary(manifest, units_done=len(todo), units_skipped=len(units) - len(todo),
-                      seconds=time.perf_counter() - t_start, task_cpu_seconds=counts["cpu"])
-
-
-def _finalize(cfg: PreprocessConfig, tok_info, unit_results: list[dict]) -> dict:
-    """Write rejects.jsonl and, last, manifest.json.
-
-    Reject records are streamed from the unit records on storage into a staged file, so the
-    driver never holds all of them (LAION-scale jobs reject tens of millions of records).
-    """
-    rejected: dict[str, int] = {}
-    shards = []
-    stats = {"num_records": 0, "num_tokens": 0, "min_tokens": None, "max_tokens": 0,
-             "num_text_tokens": 0, "num_supervised_tokens": 0, "num_images": 0, "num_text_only": 0}
-    rejects_file = StagedFile(storage.join(cfg.output, REJECTS_NAME))
-    for r in unit_results:
-        for rej in json.loads(storage.read_bytes(unit_record_uri(cfg.output, r["index"])))["rejects"]:
-            rejected[rej["reason"]] = rejected.get(rej["reason"], 0) + 1
-            rejects_file.file.write(json.dumps(rej, sort_keys=True, ensure_ascii=False).encode() + b"\n")
-        shards += r["shards"]
-        stats["num_records"] += r["num_records"]
-        st = r["stats"]
-        for k in ("num_tokens", "num_text_tokens", "num_supervised_tokens", "num_images", "num_text_only"):
-            stats[k] += st[k]
-        stats["max_tokens"] = max(stats["max_tokens"], st["max_tokens"])
-        if st["min_tokens"] is not None:
-            stats["min_tokens"] = st["min_tokens"] if stats["min_tokens"] is None else min(stats["min_tokens"], st["min_tokens"])
-    rejects_file.commit()
-    num_samples = sum(r["num_samples"] for r in unit_results)
-    stats["mean_tokens"] = stats["num_tokens"] / num_samples if num_samples else 0.0
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "num_samples": num_samples,
-        "rejected": dict(sorted(rejected.items())),
-        "shards": shards,
-        "statistics": stats,
-        "tokenizer": {"name_or_path": tok_info.name_or_path, "sha256": tok_info.sha256,
-                      "vocab_size": tok_info.vocab_size},
-        "template": cfg.template,
-        "image_token_id": IMAGE_TOKEN_ID,
-        "ignore_index": IGNORE_INDEX,
-        "image_size": cfg.image_size,
-        "image_mode": cfg.image_mode,
-        "num_patches_per_image": cfg.num_patches,
-        "max_seq_len": cfg.max_seq_len,
-        "formats": list(cfg.formats),
-        "config": cfg.content_dict(),
-        "vwlmm_version": _version(),
-    }
-    # The manifest is committed last: its presence means the whole dataset is complete.
-    storage.write_bytes(storage.join(cfg.output, MANIFEST_NAME),
-                        json.dumps(manifest, indent=2, sort_keys=True).encode())
-    return manifest
+             manifest.num_samples, sum(manifest.rejected.values()), manifest.rejected,
+             len(manifest.shards), dt, counts["good"] / max(dt, 1e-9))
+    return RunSummary(manifest, summary, units_done=summary["num_units"] - skipped,
+                      units_skipped=skipped, seconds=time.perf_counter() - t_start,
+                      task_cpu_seconds=counts["cpu"])

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from preprocessing.schema import IGNORE_INDEX, IMAGE_TOKEN_ID
+from vwlmm_data.contract import IGNORE_INDEX, IMAGE_TOKEN_ID
 
 IMAGE_TAG = "<image>"
 VICUNA_SYSTEM = (

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from preprocessing.schema import TokenizerInfo
+from vwlmm_data.contract import TokenizerInfo
 
 
 def mistral_sentencepiece_path() -> Path:
@@ -30,36 +30,59 @@ def mistral_sentencepiece_path() -> Path:
     return path
 
 
+# Beside the files of a folder ``build_mistral_hf_tokenizer`` wrote: what makes it ours to complete.
+BUILD_MARKER = ".vwlmm-build-tokenizer"
+
+
 def build_mistral_hf_tokenizer(out_dir: str | os.PathLike) -> Path:
     """Write a Hugging Face tokenizer directory converted from Mistral's SentencePiece model,
     with the model itself as ``tokenizer.model`` (as Hugging Face Mistral repositories ship it;
     preprocessing encodes with it exactly as LLaVA's slow tokenizer did).
 
-    Idempotent: an existing ``tokenizer.json`` in ``out_dir`` is kept (a missing
-    ``tokenizer.model`` is added). Returns ``out_dir``.
+    Never deletes or changes a folder it did not write: an existing ``tokenizer.json`` in
+    ``out_dir`` is kept as it is (a missing ``tokenizer.model`` is added only to a folder this
+    function wrote, ``BUILD_MARKER``), and any other non-empty ``out_dir`` is refused with
+    ``FileExistsError``. The folder is built beside ``out_dir`` and renamed into place, so it
+    appears complete or not at all. Returns ``out_dir``.
     """
     from transformers import LlamaTokenizer
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
     if (out / "tokenizer.json").is_file():
-        if not (out / "tokenizer.model").is_file():
+        if (out / BUILD_MARKER).is_file() and not (out / "tokenizer.model").is_file():
             shutil.copyfile(mistral_sentencepiece_path(), out / "tokenizer.model")
         return out
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy(mistral_sentencepiece_path(), Path(tmp) / "tokenizer.model")
-        # legacy=False: the non-legacy Llama handling of spaces after special tokens, as
-        # Mistral's own tokenizer_config does.
-        tok = LlamaTokenizer.from_pretrained(tmp, legacy=False)
-        if len(tok) != 32000:
-            raise RuntimeError(f"conversion produced {len(tok)} pieces, expected 32000")
-        staging = Path(tempfile.mkdtemp(prefix=".tok-", dir=out.parent if out.parent.exists() else None))
-        tok.save_pretrained(staging)
-        shutil.copyfile(mistral_sentencepiece_path(), staging / "tokenizer.model")
+    if out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty and holds no tokenizer.json: refusing to "
+                              "replace it; give a new or empty folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+    staging = Path(tempfile.mkdtemp(prefix=".tok-", dir=out.parent))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(mistral_sentencepiece_path(), Path(tmp) / "tokenizer.model")
+            # legacy=False: the non-legacy Llama handling of spaces after special tokens, as
+            # Mistral's own tokenizer_config does.
+            tok = LlamaTokenizer.from_pretrained(tmp, legacy=False)
+            if len(tok) != 32000:
+                raise RuntimeError(f"conversion produced {len(tok)} pieces, expected 32000")
+            tok.save_pretrained(staging)
+        shutil.copyfile(mistral_sentencepiece_path(), staging / "tokenizer.model")
+        (staging / BUILD_MARKER).write_text("written by vwlmm-preprocess build-tokenizer\n")
+        os.replace(staging, out)  # onto a missing or empty folder only (checked above)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out
+
+
+# The files that decide how a Hugging Face tokenizer encodes, besides its class's vocabulary
+# files (``vocab_files_names``: tokenizer.json, tokenizer.model, vocab.json, merges.txt, ...).
+_TOKENIZER_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                           "chat_template.jinja", "chat_template.json")
+# No tokenizer file comes near this; a bigger one is not a tokenizer file.
+MAX_TOKENIZER_FILE_BYTES = 1 << 30
 
 
 @functools.lru_cache(maxsize=4)
@@ -80,14 +103,31 @@ def load_tokenizer(path: str):
     return tok
 
 
+def tokenizer_files(path: str, tok) -> list[str]:
+    """The names of the files of ``path`` that define ``tok`` (never model weights)."""
+    names = set(_TOKENIZER_CONFIG_FILES) | set(type(tok).vocab_files_names.values())
+    slow = getattr(tok, "slow_tokenizer_class", None)
+    if slow is not None:
+        names |= set(slow.vocab_files_names.values())
+    return sorted(n for n in names if os.path.isfile(os.path.join(path, n)))
+
+
 def tokenizer_identity(path: str) -> TokenizerInfo:
-    """Name + sha256 over every file of the tokenizer folder (names and contents, sorted)."""
-    digest = hashlib.sha256()
-    for root, _, files in sorted(os.walk(path)):
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            digest.update(os.path.relpath(full, path).encode() + b"\0")
-            with open(full, "rb") as f:
-                digest.update(hashlib.sha256(f.read()).digest())
+    """Name + sha256 over the tokenizer's own files (names and contents, sorted).
+
+    Only ``tokenizer_files``: a model folder used as the tokenizer (``--tokenizer
+    /models/vicuna-7b``) also holds gigabytes of weights, which do not change the encoding.
+    Files are hashed as streams, each bounded by ``MAX_TOKENIZER_FILE_BYTES``.
+    """
     tok = load_tokenizer(path)
+    digest = hashlib.sha256()
+    for name in tokenizer_files(path, tok):
+        full = os.path.join(path, name)
+        size = os.path.getsize(full)
+        if size > MAX_TOKENIZER_FILE_BYTES:
+            raise ValueError(f"tokenizer file {full} has {size} bytes: too large for a tokenizer "
+                             f"file (limit {MAX_TOKENIZER_FILE_BYTES})")
+        digest.update(name.encode() + b"\0")
+        with open(full, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
     return TokenizerInfo(name_or_path=str(path), sha256=digest.hexdigest(), vocab_size=len(tok))

@@ -11,33 +11,25 @@ import json
 import os
 import time
 
-from preprocessing import storage
 from preprocessing.config import PreprocessConfig
 from preprocessing.encode import Reject, Sample, encode
-from preprocessing.schema import shard_name
-from preprocessing.sources import laion, llava
+from preprocessing.energon import TAR_INDEX_SUFFIX, tar_index
+from preprocessing.job_state import JobState
+from preprocessing.plan import unit_decisions, unit_identity
+from preprocessing.sources import get_source
 from preprocessing.tokenizer import load_tokenizer
 from preprocessing.writers import WRITERS
+from vwlmm_data import storage
+from vwlmm_data.contract import shard_name
 
-STATE_DIR = "_state"
 # Test hook: "UNIT:MARKER_PATH" makes the worker processing UNIT die halfway, once (the marker
 # file records that it happened), to prove that Ray's retry + atomic commits give exactly-once.
 CRASH_ENV = "VWLMM_PREPROCESS_CRASH_ONCE"
 
 
-def unit_record_uri(output: str, index: int) -> str:
-    return storage.join(output, STATE_DIR, "units", f"{index:06d}.json")
-
-
 def shard_relpath(cfg: PreprocessConfig, fmt: str, index: int) -> str:
     name = shard_name(index, fmt)
     return f"{fmt}/{name}" if cfg.format == "both" else name
-
-
-def _records(cfg: PreprocessConfig, unit: dict):
-    if unit["source"] == "laion":
-        return laion.read_unit(unit["file"], unit.get("parquet"), unit["start"], unit["end"])
-    return llava.read_unit(unit["records_uri"], unit["first_index"], cfg.image_root, unit["origin"])
 
 
 def _maybe_crash(unit_index: int, done: int, total: int) -> None:
@@ -65,25 +57,28 @@ def _add_stats(st: dict, s: Sample) -> None:
     st["num_text_only"] += s.num_images == 0
 
 
-def process_unit(cfg_dict: dict, unit: dict, decisions: dict[int, list]) -> dict:
+def process_unit(cfg_dict: dict, unit: dict, decisions: dict | None = None) -> dict:
     """Write the unit's shards and its result record; returns the record.
 
-    ``decisions`` (from the driver's global dedup) maps a record's index within the unit to
-    ``["duplicate", first_key]`` or ``["rename", new_key]`` for colliding ids.
+    ``decisions`` (the job's global dedup, ``preprocessing/dedup.py``) maps a record's index
+    within the unit to ``["duplicate", first_key]`` or ``["rename", new_key]`` for colliding ids;
+    None reads the unit's own line of its plan batch's decisions file.
     """
     cfg = PreprocessConfig(**cfg_dict)
-    storage.configure(cfg.s3_endpoint)
-    record_uri = unit_record_uri(cfg.output, unit["index"])
-    if storage.exists(record_uri):
-        return json.loads(storage.read_bytes(record_uri))
+    state = JobState(cfg.output, cfg.s3)
+    record_uri = state.unit_record_uri(unit["index"])
+    if storage.exists(record_uri, cfg.s3):
+        return json.loads(storage.read_bytes(record_uri, cfg.s3))
+    if decisions is None:
+        decisions = unit_decisions(state, unit)
     cpu0 = time.process_time()
     tokenizer = load_tokenizer(cfg.tokenizer)
     shards = {fmt: storage.join(cfg.output, shard_relpath(cfg, fmt, unit["index"]))
               for fmt in cfg.formats}
-    writers = {fmt: WRITERS[fmt](uri) for fmt, uri in shards.items()}
+    writers = {fmt: WRITERS[fmt](uri, cfg.s3) for fmt, uri in shards.items()}
     rejects, stats, n_good, n_records = [], _new_stats(), 0, 0
     try:
-        for i, rec in enumerate(_records(cfg, unit)):
+        for i, rec in enumerate(get_source(unit["source"]).read_unit(unit, cfg)):
             n_records += 1
             _maybe_crash(unit["index"], i, unit["num_records"])
             decision = decisions.get(i) or decisions.get(str(i))
@@ -108,6 +103,9 @@ def process_unit(cfg_dict: dict, unit: dict, decisions: dict[int, list]) -> dict
         for fmt, w in writers.items():
             if n_good:
                 w.commit()
+                if fmt == "webdataset":  # Energon's random-access index (preprocessing/energon.py)
+                    storage.write_bytes(shards[fmt] + TAR_INDEX_SUFFIX,
+                                        tar_index(w.sample_offsets, w.end_offset), cfg.s3)
                 shard_entries.append({"path": shard_relpath(cfg, fmt, unit["index"]), "format": fmt,
                                       "num_samples": n_good, "num_tokens": stats["num_tokens"]})
             else:
@@ -117,7 +115,8 @@ def process_unit(cfg_dict: dict, unit: dict, decisions: dict[int, list]) -> dict
             w.abort()
         raise
     result = {"index": unit["index"], "num_records": n_records, "num_samples": n_good,
-              "shards": shard_entries, "rejects": rejects, "stats": stats}
-    storage.write_bytes(record_uri, json.dumps(result, sort_keys=True).encode())
+              "shards": shard_entries, "rejects": rejects, "stats": stats,
+              "unit": unit_identity(unit)}
+    storage.write_bytes(record_uri, json.dumps(result, sort_keys=True).encode(), cfg.s3)
     result["cpu_seconds"] = time.process_time() - cpu0  # for the driver's summary only
     return result

@@ -7,16 +7,14 @@ Both are byte-deterministic (fixed tar mtime/owner, no timestamps in Arrow), whi
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 
 import numpy as np
 import pyarrow as pa
 import webdataset as wds
 
-from preprocessing import storage
 from preprocessing.encode import Sample, header_bytes
-from preprocessing.schema import ARROW_SCHEMA
+from vwlmm_data.contract import ARROW_SCHEMA
+from vwlmm_data.storage import S3Options, StagedFile
 
 
 def _npy(arr: np.ndarray) -> bytes:
@@ -25,41 +23,27 @@ def _npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-class StagedFile:
-    """A local temp file that becomes ``target`` on commit, or disappears on abort."""
-
-    def __init__(self, target: str):
-        self.target = target
-        fd, self.tmp = tempfile.mkstemp(prefix=".tmp-", dir=storage.local_tmp_dir(target))
-        self.file = os.fdopen(fd, "wb")
-
-    def commit(self) -> None:
-        self.file.close()
-        storage.commit_file(self.tmp, self.target)
-
-    def abort(self) -> None:
-        self.file.close()
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
-
-
 class WebDatasetShardWriter:
     format = "webdataset"
 
-    def __init__(self, target: str):
-        self._staged = StagedFile(target)
+    def __init__(self, target: str, s3: S3Options = S3Options()):
+        self._staged = StagedFile(target, s3)
         # An integer mtime: a float one makes tarfile add a PAX header (1 KiB) to every member.
         self._tar = wds.TarWriter(self._staged.file, encoder=False, mtime=0,
                                   user="vwlmm", group="vwlmm", mode=0o444)
+        self.sample_offsets: list[int] = []  # where each sample's first member starts
+        self.end_offset = 0  # where the last sample ends (the end-of-archive blocks follow)
 
     def write(self, s: Sample) -> None:
         obj = {"__key__": s.key, "json": header_bytes(s),
                "input_ids.npy": _npy(s.input_ids), "labels.npy": _npy(s.labels)}
         for i, jpg in enumerate(s.images):
             obj[f"img{i}.jpg"] = jpg
+        self.sample_offsets.append(self._tar.tarstream.offset)
         self._tar.write(obj)
 
     def commit(self) -> None:
+        self.end_offset = self._tar.tarstream.offset
         self._tar.tarstream.close()  # end-of-archive blocks; leaves the file open for commit
         self._staged.commit()
 
@@ -73,8 +57,8 @@ class ArrowShardWriter:
     format = "arrow"
     BATCH = 64
 
-    def __init__(self, target: str):
-        self._staged = StagedFile(target)
+    def __init__(self, target: str, s3: S3Options = S3Options()):
+        self._staged = StagedFile(target, s3)
         self._writer = pa.ipc.new_file(self._staged.file, ARROW_SCHEMA)
         self._rows: list[Sample] = []
 

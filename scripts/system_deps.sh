@@ -2,7 +2,7 @@
 # System packages the tests need beyond PyPI (installed only when missing; root on CI).
 set -euo pipefail
 need=()
-# Slurm + munge: tests/cluster starts a real single-node Slurm on 127.0.0.1 (ARCHITECTURE §4).
+# Slurm + munge: tests/cluster starts a real single-node Slurm on 127.0.0.1 (docs/ARCHITECTURE.md, section 7).
 for pair in slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client munged:munge; do
   bin=${pair%%:*}; pkg=${pair#*:}
   command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || need+=("$pkg")

@@ -9,16 +9,69 @@ vwlmm_die() { vwlmm_log "error: $*"; exit 2; }
 # First host of the allocation: rank 0 / Ray head / rendezvous store live there.
 vwlmm_first_host() { scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1; }
 
+# "name=addr ..." for every node of the job: Slurm's NodeAddr of each, from one `scontrol` call.
+# The batch scripts export it as VWLMM_NODE_ADDRS, so that the steps on every node (thousands of
+# ranks under the srun launcher) find addresses without each asking slurmctld.
+vwlmm_job_node_addrs() {
+  scontrol show node -o "$SLURM_JOB_NODELIST" | tr ' ' '\n' |
+    awk -F= '$1 == "NodeName" {n = $2} $1 == "NodeAddr" {printf "%s%s=%s", sep, n, $2; sep = " "}'
+}
+
 # The address Slurm itself uses for a node (its NodeAddr), as an IP when DNS can give one.
 # Slurm's NodeAddr is the interface the cluster is wired for; the bare hostname may resolve to a
-# different (or, on small setups, a loopback) address.
+# different (or, on small setups, a loopback) address. Looked up in VWLMM_NODE_ADDRS when set.
 vwlmm_node_addr() {
-  local host=$1 addr ip
-  addr=$(scontrol show node -o "$host" 2>/dev/null | tr ' ' '\n' | sed -n 's/^NodeAddr=//p')
+  local host=$1 addr="" entry ip
+  for entry in ${VWLMM_NODE_ADDRS:-}; do
+    if [[ ${entry%%=*} == "$host" ]]; then addr=${entry#*=}; fi
+  done
+  if [[ -z $addr ]]; then
+    addr=$(scontrol show node -o "$host" 2>/dev/null | tr ' ' '\n' | sed -n 's/^NodeAddr=//p')
+  fi
   addr=${addr:-$host}
   if [[ $addr =~ ^[0-9.]+$ || $addr == *:* ]]; then echo "$addr"; return; fi
   ip=$(getent ahostsv4 "$addr" 2>/dev/null | awk 'NR==1 {print $1}')
   echo "${ip:-$addr}"
+}
+
+# The network interface that holds address $1 on this machine ('' when none does).
+vwlmm_ifname_of() {
+  command -v ip >/dev/null 2>&1 || return 0
+  ip -o addr show 2>/dev/null | awk -v a="$1" '{split($4, p, "/"); if (p[1] == a) {print $2; exit}}'
+}
+
+# Network settings of the node a step runs on (call it on that node, inside the step):
+#   VWLMM_NODE_ADDR     Slurm's NodeAddr of this node, the address its peers reach it on;
+#   GLOO_SOCKET_IFNAME  the interface holding that address, unless already set. Without it gloo
+#   NCCL_SOCKET_IFNAME  binds to what the hostname resolves to (loopback on many clusters, so
+#                       peers on other nodes cannot connect) and NCCL may bootstrap on a NIC
+#                       the other nodes cannot reach.
+# Not in the batch script: each node derives its own (interface names differ between nodes).
+vwlmm_node_network() {
+  local node=${SLURMD_NODENAME:-$(hostname)} ifname
+  VWLMM_NODE_ADDR=$(vwlmm_node_addr "$node")
+  export VWLMM_NODE_ADDR
+  ifname=$(vwlmm_ifname_of "$VWLMM_NODE_ADDR")
+  if [[ -z $ifname ]]; then
+    vwlmm_log "warning: no interface of $node holds its NodeAddr $VWLMM_NODE_ADDR;" \
+      "GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME left as they are"
+    return 0
+  fi
+  export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$ifname}
+  export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$ifname}
+}
+
+# The nodes of this job whose slurmd does not take a TCP connection within $1 s (default 5),
+# one per line: dead, or cut off from this node. Called after a step failed, to name the cause.
+vwlmm_unresponsive_nodes() {
+  local limit=${1:-5} port entry i pids=() names=()
+  port=$(scontrol show config | awk '$1 == "SlurmdPort" {print $3}')
+  for entry in ${VWLMM_NODE_ADDRS:-$(vwlmm_job_node_addrs)}; do
+    timeout "$limit" bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$(vwlmm_node_addr "${entry%%=*}")" \
+      "${port:-6818}" 2>/dev/null &
+    pids+=($!) names+=("${entry%%=*}")
+  done
+  for i in "${!pids[@]}"; do wait "${pids[$i]}" || echo "${names[$i]}"; done
 }
 
 # A TCP port private to this job: 20000 + 10 * (job id mod 1200) + offset (offset 0..9), i.e.

@@ -4,11 +4,14 @@
 #   ray_node.sh head   <ray start options...>
 #   ray_node.sh worker <head GCS host:port> <ray start options...>
 #
-# Starts `ray start --block` on this node's Slurm address (NodeAddr) and stays in the foreground
-# so Slurm tracks it. On SIGUSR2 (the batch script's teardown, `scancel --signal=USR2`) or
-# SIGTERM/SIGINT it passes SIGTERM to `ray start`, which then stops every Ray process it
-# started. USR2 rather than TERM for the teardown because Slurm handles a TERM sent to a step
-# as a cancellation and SIGKILLs it before Ray has cleaned up.
+# Starts `ray start --block` on this node's Slurm address (NodeAddr), with its temp dir in
+# VWLMM_RAY_TMPDIR (node-local, the same path on every node), and stays in the foreground so
+# Slurm tracks it. The batch script's teardown (`scancel --signal=...`) stops it: SIGUSR2 after
+# the job succeeded, SIGUSR1 after it failed; SIGTERM/SIGINT count as failed. It then passes
+# SIGTERM to `ray start`, which stops every Ray process it started. USR1/USR2 rather than TERM
+# because Slurm handles a TERM sent to a step as a cancellation and SIGKILLs it before Ray has
+# cleaned up. A worker removes its temp dir after a success (the batch script removes the
+# head's) and keeps it, with its logs, after a failure.
 set -euo pipefail
 source "${VWLMM_ROOT:?VWLMM_ROOT is not set}/cluster/slurm/common.sh"
 
@@ -18,16 +21,26 @@ case $role in
   worker) role_args=(--address="${1:?worker needs the head address}"); shift ;;
   *) vwlmm_die "usage: ray_node.sh head|worker ... (got '$role')" ;;
 esac
-node_addr=$(vwlmm_node_addr "${SLURMD_NODENAME:-$(hostname)}")
+tmp=${VWLMM_RAY_TMPDIR:?VWLMM_RAY_TMPDIR is not set (ray_preprocess.sbatch sets it)}
+vwlmm_node_network
 
-ray start --block "${role_args[@]}" --node-ip-address="$node_addr" "$@" &
+ray start --block "${role_args[@]}" --node-ip-address="$VWLMM_NODE_ADDR" --temp-dir="$tmp" \
+  "$@" &
 ray_pid=$!
-stopping=0
-trap 'stopping=1; kill -TERM "$ray_pid" 2>/dev/null || true' USR2 TERM INT
+stopping=0 succeeded=0
+stop() { stopping=1 succeeded=$1; kill -TERM "$ray_pid" 2>/dev/null || true; }
+trap 'stop 1' USR2
+trap 'stop 0' USR1 TERM INT
 rc=0
 while kill -0 "$ray_pid" 2>/dev/null; do
   set +e; wait "$ray_pid"; rc=$?; set -e
 done
 # Asked to stop: a clean stop is success, whatever status the interrupted `wait` reported.
-if (( stopping )); then exit 0; fi
+if (( stopping )); then
+  if [[ $role == worker ]] && (( succeeded )); then
+    rm -rf "$tmp"
+    vwlmm_log "Ray worker on ${SLURMD_NODENAME:-$(hostname)} stopped; removed $tmp"
+  fi
+  exit 0
+fi
 exit "$rc"

@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="HF folder in the LLaVA layout: a VW-LMM checkpoint (whole model) or "
                           "LLaVA-1.5 (no vm_head: initialised per --vm-head-init); recognised by "
                           "its weights and config fields, Llama or Mistral from the config")
-    imp.add_argument("--vision", help="HF CLIP (vision) folder; with --vwlmm/--llava only needed "
+    imp.add_argument("--vision", help="HF vision model folder (CLIP or SigLIP, full or "
+                                      "vision-only); with --vwlmm/--llava only needed "
                                       "when mm_vision_tower is not a local folder and the "
                                       "checkpoint lacks the tower's weights or it is unknown")
     imp.add_argument("--projector", help="optional LLaVA stage-1 mm_projector weights "
@@ -58,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", choices=("llava-hf", "vwlmm"), default="llava-hf")
     exp.add_argument("--out", required=True, help="new HF folder")
     exp.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
-    exp.add_argument("--tokenizer", help="HF tokenizer folder (default: the imported LLM's)")
+    exp.add_argument("--tokenizer", help="HF tokenizer folder (default: the one the checkpoint "
+                                         "records, i.e. the imported LLM's, also after training)")
     exp.add_argument("--template", choices=("vicuna_v1", "mistral"),
                      help="chat template (default by decoder family)")
     return p

@@ -17,9 +17,9 @@ import torch
 
 from megatron_vwlmm.convert import layouts
 from megatron_vwlmm.convert.hf_configs import (
-    clip_vision_hf_config,
     llava_hf_config,
     original_vwlmm_config,
+    vision_hf_config,
 )
 from megatron_vwlmm.convert.hf_io import write_hf_tensors
 from megatron_vwlmm.convert.hf_mapping import megatron_to_hf
@@ -52,14 +52,30 @@ def _architecture(source: CheckpointSource) -> str:
 
 
 def _full_vision(components: Dict, source: CheckpointSource) -> None:
-    """Re-attach the CLIP layers after the feature layer (see ``layouts.split_vision_tail``)."""
+    """Re-attach the vision layers after the feature layer (see ``layouts.split_vision_tail``)."""
     v = source.config.vision
     tail = source.vision_tail()
     if not tail:
-        log.warning("no vision_tail.safetensors for %s: CLIP layers %d.. and post_layernorm are "
-                    "written as identity layers (outputs unaffected)", source.path, v.num_layers_run)
+        log.warning("no vision_tail.safetensors for %s: vision layers %d.. and post_layernorm "
+                    "are written as identity layers (outputs unaffected)", source.path,
+                    v.num_layers_run)
         tail = layouts.identity_vision_tail(components["vision"], v.num_layers_run, v.num_layers)
     components["vision"].update(tail)
+
+
+def _has_vision_head(components: Dict) -> bool:
+    """Whether the vision tensors include a pooling head (a SigLIP tower imported with one)."""
+    return any(key.startswith("head.") for key in components["vision"])
+
+
+def _tokenizer_dir(given: Optional[str], source: CheckpointSource) -> Optional[Path]:
+    """``--tokenizer``, else the tokenizer the checkpoint's provenance records."""
+    recorded = source.provenance.tokenizer
+    found = find_tokenizer_dir(given, recorded)
+    if found is None and recorded and not given:
+        log.warning("the tokenizer recorded for %s (%s) is gone; pass --tokenizer", source.path,
+                    recorded)
+    return found
 
 
 def _append_image_row(components: Dict, vocab: int, rows: int) -> None:
@@ -77,8 +93,7 @@ def _export_llava(components, source, out: Path, dtype, tokenizer_dir, template)
 
     config, arch = source.config, _architecture(source)
     vocab = config.decoder.vocab_size
-    tokenizer_dir = find_tokenizer_dir(tokenizer_dir, source.conversion.get("llm"),
-                                       source.conversion.get("vwlmm"))
+    tokenizer_dir = _tokenizer_dir(tokenizer_dir, source)
     tokenizer = None
     if tokenizer_dir is None:
         log.warning("no tokenizer given or found: the export has no processor (pass "
@@ -90,7 +105,8 @@ def _export_llava(components, source, out: Path, dtype, tokenizer_dir, template)
     if rows > vocab:
         _append_image_row(components, vocab, rows)
     hf_config = llava_hf_config(config, arch, image_token_index=image_token_id,
-                                text_vocab_size=rows, source=source.conversion.get("llm_config"))
+                                text_vocab_size=rows, source=source.conversion.get("llm_config"),
+                                vision_head=_has_vision_head(components))
     hf_config.architectures = ["LlavaForConditionalGeneration"]
     hf_config.dtype = str(dtype).replace("torch.", "")
     hf_config.save_pretrained(out)
@@ -110,23 +126,20 @@ def _export_original(components, source, out: Path, dtype, tokenizer_dir) -> Non
     tower = source.conversion.get("mm_vision_tower") or ""
     hf = original_vwlmm_config(config, arch, mm_vision_tower=tower or str(out / "vision_tower"),
                                source=original)
+    vision_config = vision_hf_config(config, with_head=_has_vision_head(components))
     if not original:
-        # Lets `vwlmm-convert import --vwlmm` rebuild the CLIP config without the tower folder.
-        hf["vwlmm_vision_config"] = clip_vision_hf_config(config).to_dict()
+        # Lets `vwlmm-convert import --vwlmm` rebuild the vision config without the tower folder.
+        hf["vwlmm_vision_config"] = vision_config.to_dict()
         hf["torch_dtype"] = str(dtype).replace("torch.", "")
     if not tower:
-        from transformers import CLIPVisionConfig
-
         (out / "vision_tower").mkdir(parents=True, exist_ok=True)
-        CLIPVisionConfig(**clip_vision_hf_config(config).to_dict()).save_pretrained(
-            out / "vision_tower")
+        vision_config.save_pretrained(out / "vision_tower")
         write_hf_tensors({"vision_model." + k: v for k, v in components["vision"].items()},
                          out / "vision_tower", dtype=dtype)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
     write_hf_tensors(layouts.to_original(components), out, dtype=dtype, progress=_progress)
-    tokenizer_dir = find_tokenizer_dir(tokenizer_dir, source.conversion.get("vwlmm"),
-                                       source.conversion.get("llm"))
+    tokenizer_dir = _tokenizer_dir(tokenizer_dir, source)
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
 

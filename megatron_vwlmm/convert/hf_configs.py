@@ -46,22 +46,16 @@ def llm_hf_config(config: VWLMMConfig, architecture: str = "llama",
     return LlamaConfig(attention_bias=False, mlp_bias=False, **common)
 
 
-def clip_vision_hf_config(config: VWLMMConfig):
-    """A ``CLIPVisionConfig`` with the source depth (``vision.num_layers``)."""
-    from transformers import CLIPVisionConfig
+def vision_hf_config(config: VWLMMConfig, with_head: bool = False):
+    """The transformers config of the vision encoder (``CLIPVisionConfig`` /
+    ``SiglipVisionConfig`` by ``vision.kind``) with the source depth (``vision.num_layers``);
+    ``with_head``: the tensors include SigLIP's pooling head."""
+    from megatron_vwlmm.vision.hf_formats import hf_format
 
-    v = config.vision
-    return CLIPVisionConfig(
-        hidden_size=v.hidden_size,
-        intermediate_size=v.ffn_hidden_size,
-        num_hidden_layers=v.num_layers,
-        num_attention_heads=v.num_attention_heads,
-        image_size=v.image_size,
-        patch_size=v.patch_size,
-        hidden_act="quick_gelu",
-        layer_norm_eps=v.norm_epsilon,
-        projection_dim=v.hidden_size,
-    )
+    return hf_format(config.vision.kind).hf_config(config.vision, with_head=with_head)
+
+
+clip_vision_hf_config = vision_hf_config  # the name the CLIP parity tests and benchmarks use
 
 
 # -- HF -> VWLMMConfig ---------------------------------------------------------------------------
@@ -113,21 +107,33 @@ def _rope_parameters(llm_config) -> dict:
 
 
 def vision_config_of(config, source: str = "the vision config"):
-    """The ``CLIPVisionConfig`` inside a CLIP (full or vision-only) config."""
-    model_type = getattr(config, "model_type", None)
-    if model_type == "clip":
-        return config.vision_config
-    if model_type == "clip_vision_model":
-        return config
+    """The vision-only config inside a (two-tower or vision-only) config of a supported encoder
+    kind (``megatron_vwlmm/vision/hf_formats.py``: CLIP, SigLIP)."""
+    from megatron_vwlmm.vision.hf_formats import HF_FORMATS
+
+    for fmt in HF_FORMATS:
+        vision = fmt.vision_config_of(config)
+        if vision is not None:
+            return vision
     raise UnsupportedModelError(
-        f"{source}: model_type {model_type!r} is not a CLIP vision model (clip, "
-        "clip_vision_model)")
+        f"{source}: model_type {getattr(config, 'model_type', None)!r} is " + "; ".join(
+            f"not a {fmt.display_name} vision model ({', '.join(fmt.model_types)})"
+            for fmt in HF_FORMATS))
+
+
+def vision_format_of(config, source: str = "the vision config"):
+    """The ``HFVisionFormat`` of a (two-tower or vision-only) vision config."""
+    from megatron_vwlmm.vision.hf_formats import HF_FORMATS
+
+    vision_config_of(config, source)  # refuses unsupported model types
+    return next(fmt for fmt in HF_FORMATS if fmt.vision_config_of(config) is not None)
 
 
 def vwlmm_config_from_hf(llm_config, vision_config, *, seq_length: Optional[int] = None,
                          feature_layer: int = -2, **changes) -> VWLMMConfig:
-    """The ``VWLMMConfig`` of an HF decoder + CLIP vision pair (shapes, RoPE theta, norm eps
-    taken from the source configs; ``changes`` override VW-LMM fields such as ``pif``)."""
+    """The ``VWLMMConfig`` of an HF decoder + vision encoder pair (shapes, RoPE theta, norm eps
+    and the encoder kind taken from the source configs; ``changes`` override VW-LMM fields such
+    as ``pif``)."""
     from megatron_vwlmm.model.config import DecoderConfig, VisionConfig
 
     rope = _rope_parameters(llm_config)
@@ -154,19 +160,15 @@ def vwlmm_config_from_hf(llm_config, vision_config, *, seq_length: Optional[int]
     if head_dim not in (None, llm_config.hidden_size // heads):
         raise UnsupportedModelError(
             f"head_dim={head_dim} differs from hidden_size / num_attention_heads; not supported")
-    if getattr(vision_config, "hidden_act", "quick_gelu") != "quick_gelu":
+    fmt = vision_format_of(vision_config)
+    act = getattr(vision_config, "hidden_act", fmt.hidden_act)
+    if act != fmt.hidden_act:
         raise UnsupportedModelError(
-            f"vision hidden_act {vision_config.hidden_act!r}: only CLIP's quick_gelu is supported")
-    vision = VisionConfig(
-        image_size=vision_config.image_size,
-        patch_size=vision_config.patch_size,
-        num_layers=vision_config.num_hidden_layers,
-        hidden_size=vision_config.hidden_size,
-        ffn_hidden_size=vision_config.intermediate_size,
-        num_attention_heads=vision_config.num_attention_heads,
-        feature_layer=feature_layer,
-        norm_epsilon=float(vision_config.layer_norm_eps),
-    )
+            f"vision hidden_act {act!r}: only {fmt.display_name}'s {fmt.hidden_act} is supported")
+    try:
+        vision = VisionConfig(**fmt.vision_fields(vision_config, feature_layer))
+    except ValueError as exc:
+        raise UnsupportedModelError(f"the {fmt.display_name} vision config: {exc}") from exc
     changes.setdefault("name", "hf-import")
     return VWLMMConfig(decoder=decoder, vision=vision, **changes)
 
@@ -174,19 +176,24 @@ def vwlmm_config_from_hf(llm_config, vision_config, *, seq_length: Optional[int]
 # -- export configs --------------------------------------------------------------------------------
 
 def llava_hf_config(config: VWLMMConfig, architecture: str, *, image_token_index: int,
-                    text_vocab_size: int, source: Optional[dict] = None):
-    """The ``LlavaConfig`` of an export (ARCHITECTURE §5), plus the VW-LMM fields the
-    ``VWLMMForConditionalGeneration`` subclass reads (stock transformers ignores them)."""
+                    text_vocab_size: int, source: Optional[dict] = None,
+                    vision_head: bool = False):
+    """The ``LlavaConfig`` of an export (``docs/ARCHITECTURE.md`` section 5), plus the VW-LMM
+    fields the ``VWLMMForConditionalGeneration`` subclass reads (stock transformers ignores
+    them)."""
     from transformers import LlavaConfig
 
+    from megatron_vwlmm.vision.hf_formats import hf_format
+
     llava = LlavaConfig(
-        vision_config=clip_vision_hf_config(config),
+        vision_config=vision_hf_config(config, with_head=vision_head),
         text_config=llm_hf_config(config, architecture, source, vocab_size=text_vocab_size),
         image_token_index=image_token_index,
         image_seq_length=config.num_patches,
         projector_hidden_act="gelu",
         vision_feature_layer=config.vision.feature_layer,
-        vision_feature_select_strategy="default",
+        # CLIP: "default" drops the class token; SigLIP: "full", it has none.
+        vision_feature_select_strategy=hf_format(config.vision.kind).llava_feature_strategy,
         multimodal_projector_bias=True,
         tie_word_embeddings=False,
     )

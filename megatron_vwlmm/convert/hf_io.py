@@ -16,6 +16,7 @@ import torch
 from megatron_vwlmm.convert.errors import IncompleteCheckpointError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
 
 
 class LazyTensors(Mapping[str, torch.Tensor]):
@@ -40,21 +41,43 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         return len(self._files)
 
 
+def _index_files(index: Path) -> Dict[str, Path]:
+    """key -> shard file of a sharded checkpoint's index, every shard checked to exist."""
+    weight_map = json.loads(index.read_text())["weight_map"]
+    missing = sorted({f for f in weight_map.values() if not (index.parent / f).is_file()})
+    if missing:
+        raise IncompleteCheckpointError(f"{index} names missing shard files {missing}")
+    return {k: index.parent / f for k, f in weight_map.items()}
+
+
+def _load_bin(path: Path) -> Dict[str, torch.Tensor]:
+    """A torch weights file, unpickled with ``weights_only`` (tensors and containers only:
+    a pickle that would run code or build other objects is refused)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...
+        raise IncompleteCheckpointError(f"{path}: not a readable torch weights file "
+                                        f"({type(exc).__name__})") from exc
+    if not isinstance(state, dict) or \
+            not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise IncompleteCheckpointError(f"{path}: holds no name -> tensor mapping")
+    return state
+
+
 def read_hf_tensors(folder: str | Path) -> Mapping[str, torch.Tensor]:
     """All tensors of an HF model folder: ``model.safetensors``, a sharded safetensors index,
-    or (older checkpoints) ``pytorch_model*.bin``."""
+    or (older checkpoints) ``pytorch_model.bin`` / its sharded index.
+
+    Only weight files are read, by name: transformers' Trainer leaves other pickles beside
+    them (``training_args.bin``, ``optimizer.bin``, ``scheduler.bin``...).
+    """
     from safetensors import safe_open
 
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a directory")
-    index = folder / SAFETENSORS_INDEX
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
-        if missing:
-            raise IncompleteCheckpointError(f"{index} names missing shard files {missing}")
-        return LazyTensors(folder, {k: folder / f for k, f in weight_map.items()})
+    if (folder / SAFETENSORS_INDEX).is_file():
+        return LazyTensors(folder, _index_files(folder / SAFETENSORS_INDEX))
     files = sorted(folder.glob("*.safetensors"))
     if files:
         keys: Dict[str, Path] = {}
@@ -62,14 +85,18 @@ def read_hf_tensors(folder: str | Path) -> Mapping[str, torch.Tensor]:
             with safe_open(str(path), framework="pt") as f:
                 keys.update({k: path for k in f.keys()})
         return LazyTensors(folder, keys)
-    bins = sorted(folder.glob("pytorch_model*.bin")) + sorted(folder.glob("*.bin"))
+    if (folder / BIN_INDEX).is_file():
+        bins = sorted(set(_index_files(folder / BIN_INDEX).values()))
+    else:
+        bins = sorted(folder.glob("pytorch_model*.bin"))
     if bins:
         state: Dict[str, torch.Tensor] = {}
-        for path in dict.fromkeys(bins):
-            state.update(torch.load(path, map_location="cpu", weights_only=True))
+        for path in bins:
+            state.update(_load_bin(path))
         return state
     raise IncompleteCheckpointError(
-        f"{folder}: no weights found (model.safetensors, {SAFETENSORS_INDEX} or *.bin)")
+        f"{folder}: no weights found (model.safetensors, {SAFETENSORS_INDEX}, "
+        f"pytorch_model.bin or {BIN_INDEX})")
 
 
 def read_tensor_file(path: str | Path) -> Dict[str, torch.Tensor]:
@@ -81,7 +108,7 @@ def read_tensor_file(path: str | Path) -> Dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return _load_bin(path)
 
 
 def write_hf_tensors(state: Mapping[str, torch.Tensor], folder: str | Path, *,

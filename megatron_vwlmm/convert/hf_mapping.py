@@ -7,7 +7,9 @@ into the local names so both kinds map the same way.
 
 The HF side is split by component so each maps onto a stock class:
 - ``llm``: ``LlamaForCausalLM`` / ``MistralForCausalLM`` (``model.*``, ``lm_head.weight``)
-- ``vision``: ``CLIPVisionModel`` (its own keys: ``embeddings.*``, ``encoder.*``); only the layers the encoder runs
+- ``vision``: the kind's stock vision model (``CLIPVisionModel`` / ``SiglipVisionModel``, its
+  own keys: ``embeddings.*``, ``encoder.*``); only the layers the encoder runs, mapped by
+  ``megatron_vwlmm/vision/hf_formats.py``
 - ``projector``: LLaVA's ``mlp2x_gelu`` as ``{0,2}.{weight,bias}`` (nn.Sequential indices)
 - ``vm_head``: ``weight``
 
@@ -96,27 +98,9 @@ def megatron_to_hf(state: Mapping[str, torch.Tensor], config: VWLMMConfig) -> Di
         llm[dst + "post_attention_layernorm.weight"] = state[src + "pre_mlp_layernorm.weight"]
 
     if "vision_model.conv1.weight" in state:
-        vm = "vision_model."
-        vision["embeddings.class_embedding"] = state[vm + "class_token"].reshape(-1)
-        vision["embeddings.patch_embedding.weight"] = state[vm + "conv1.weight"]
-        vision["embeddings.position_embedding.weight"] = state[
-            vm + "position_embeddings.weight"]
-        vision["pre_layrnorm.weight"] = state[vm + "ln_pre.weight"]
-        vision["pre_layrnorm.bias"] = state[vm + "ln_pre.bias"]
-        heads = vis.num_attention_heads
-        for i in range(vis.num_layers_run):
-            src, dst = f"{vm}decoder.layers.{i}.", f"encoder.layers.{i}."
-            for kind in ("weight", "bias"):
-                q, k, v = split_qkv(state[f"{src}self_attention.linear_qkv.{kind}"], heads, heads)
-                vision[f"{dst}self_attn.q_proj.{kind}"] = q
-                vision[f"{dst}self_attn.k_proj.{kind}"] = k
-                vision[f"{dst}self_attn.v_proj.{kind}"] = v
-                vision[f"{dst}self_attn.out_proj.{kind}"] = state[
-                    f"{src}self_attention.linear_proj.{kind}"]
-                vision[f"{dst}layer_norm1.{kind}"] = state[f"{src}input_layernorm.{kind}"]
-                vision[f"{dst}layer_norm2.{kind}"] = state[f"{src}pre_mlp_layernorm.{kind}"]
-                vision[f"{dst}mlp.fc1.{kind}"] = state[f"{src}mlp.linear_fc1.{kind}"]
-                vision[f"{dst}mlp.fc2.{kind}"] = state[f"{src}mlp.linear_fc2.{kind}"]
+        from megatron_vwlmm.vision.hf_formats import hf_format
+
+        vision.update(hf_format(vis.kind).to_hf(state, vis))
         for kind in ("weight", "bias"):
             out["projector"][f"0.{kind}"] = state[f"adapter.encoder.linear_fc1.{kind}"]
             out["projector"][f"2.{kind}"] = state[f"adapter.encoder.linear_fc2.{kind}"]
@@ -131,8 +115,9 @@ def hf_to_megatron(components: Mapping[str, Mapping[str, torch.Tensor]],
                    config: VWLMMConfig) -> Tensors:
     """Inverse of ``megatron_to_hf``: HF component state dicts -> full megatron state.
 
-    Vision layers beyond ``num_layers_run`` and CLIP's post-layernorm are not part of the
-    encoder (the adapter reads the ``feature_layer`` hidden state) and are ignored.
+    Vision layers beyond ``num_layers_run``, the final LayerNorm and SigLIP's pooling head are
+    not part of the encoder (the adapter reads the ``feature_layer`` hidden state) and are
+    ignored.
     """
     d, vis = config.decoder, config.vision
     llm = components["llm"]
@@ -155,27 +140,9 @@ def hf_to_megatron(components: Mapping[str, Mapping[str, torch.Tensor]],
 
     vision = components.get("vision") or {}
     if vision:
-        vm = "vision_model."
-        state[vm + "class_token"] = vision["embeddings.class_embedding"].reshape(
-            1, 1, -1)
-        state[vm + "conv1.weight"] = vision["embeddings.patch_embedding.weight"]
-        state[vm + "position_embeddings.weight"] = vision[
-            "embeddings.position_embedding.weight"]
-        state[vm + "ln_pre.weight"] = vision["pre_layrnorm.weight"]
-        state[vm + "ln_pre.bias"] = vision["pre_layrnorm.bias"]
-        heads = vis.num_attention_heads
-        for i in range(vis.num_layers_run):
-            src, dst = f"encoder.layers.{i}.", f"{vm}decoder.layers.{i}."
-            for kind in ("weight", "bias"):
-                state[f"{dst}self_attention.linear_qkv.{kind}"] = fuse_qkv(
-                    vision[f"{src}self_attn.q_proj.{kind}"], vision[f"{src}self_attn.k_proj.{kind}"],
-                    vision[f"{src}self_attn.v_proj.{kind}"], heads, heads)
-                state[f"{dst}self_attention.linear_proj.{kind}"] = vision[
-                    f"{src}self_attn.out_proj.{kind}"]
-                state[f"{dst}input_layernorm.{kind}"] = vision[f"{src}layer_norm1.{kind}"]
-                state[f"{dst}pre_mlp_layernorm.{kind}"] = vision[f"{src}layer_norm2.{kind}"]
-                state[f"{dst}mlp.linear_fc1.{kind}"] = vision[f"{src}mlp.fc1.{kind}"]
-                state[f"{dst}mlp.linear_fc2.{kind}"] = vision[f"{src}mlp.fc2.{kind}"]
+        from megatron_vwlmm.vision.hf_formats import hf_format
+
+        state.update(hf_format(vis.kind).from_hf(vision, vis))
     projector = components.get("projector") or {}
     for kind in ("weight", "bias") if projector else ():
         state[f"adapter.encoder.linear_fc1.{kind}"] = projector[f"0.{kind}"]

@@ -1,5 +1,5 @@
-"""Hugging Face -> megatron: an LLM + CLIP pair, or a whole LLaVA-layout checkpoint (VW-LMM's
-original release or LLaVA-1.5).
+"""Hugging Face -> megatron: an LLM + vision encoder (CLIP or SigLIP) pair, or a whole
+LLaVA-layout checkpoint (VW-LMM's original release or LLaVA-1.5).
 
 The source tensors are mapped to a full megatron state (``hf_mapping.hf_to_megatron``), loaded
 into a TP1PP1 model in this process and saved as a reshardable dist checkpoint; ``tp``/``pp``
@@ -40,14 +40,6 @@ from megatron_vwlmm.model.config import VWLMMConfig
 log = logging.getLogger(__name__)
 VM_HEAD_INITS = ("lm_head", "random")
 
-# Known CLIP towers of published VW-LMM / LLaVA checkpoints, for original-layout imports whose
-# `mm_vision_tower` names a hub model (the config is needed for the head count and eps).
-_KNOWN_TOWERS = {
-    "openai/clip-vit-large-patch14-336": dict(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-        image_size=336, patch_size=14, layer_norm_eps=1e-5, hidden_act="quick_gelu",
-        projection_dim=768),
-}
 
 
 def _auto_config(folder: Path, what: str):
@@ -127,7 +119,8 @@ def _build_and_save(components, config: VWLMMConfig, out_dir, *, tp: int, pp: in
 def import_hf(llm_dir: str, vision_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1,
               vm_head_init: str = "lm_head", projector: Optional[str] = None,
               seq_length: Optional[int] = None, **config_changes: Any) -> Path:
-    """HF Llama/Vicuna/Mistral causal LM + HF CLIP vision -> megatron checkpoint in ``out_dir``."""
+    """HF Llama/Vicuna/Mistral causal LM + HF CLIP or SigLIP vision model -> megatron checkpoint
+    in ``out_dir`` (the encoder kind is read from the vision config)."""
     if vm_head_init not in VM_HEAD_INITS:
         raise ValueError(f"vm_head_init: {vm_head_init!r} is not one of {VM_HEAD_INITS}")
     llm_path, vision_path = Path(llm_dir), Path(vision_dir)
@@ -154,22 +147,31 @@ def import_hf(llm_dir: str, vision_dir: str, out_dir: str, *, tp: int = 1, pp: i
 
 
 def _original_vision_config(config: dict, folder: Path, vision_dir: Optional[str]):
-    """The CLIP config of an original-layout checkpoint: --vision, else ``mm_vision_tower`` as
-    a local folder, else a known hub name, else the ``vwlmm_vision_config`` our export adds."""
-    from transformers import CLIPVisionConfig
+    """The vision config of an original-layout checkpoint: --vision, else ``mm_vision_tower``
+    as a local folder, else the ``vwlmm_vision_config`` our export adds, else a known hub name
+    (``megatron_vwlmm/vision/hf_formats.py``)."""
+    from megatron_vwlmm.vision.hf_formats import HF_FORMATS
 
     if vision_dir:
         return vision_config_of(_auto_config(Path(vision_dir), "--vision"), vision_dir)
     tower = config.get("mm_vision_tower") or ""
     if tower and (Path(tower) / "config.json").is_file():
         return vision_config_of(_auto_config(Path(tower), "mm_vision_tower"), tower)
-    if config.get("vwlmm_vision_config"):
-        return CLIPVisionConfig(**config["vwlmm_vision_config"])
-    if tower in _KNOWN_TOWERS:
-        return CLIPVisionConfig(**_KNOWN_TOWERS[tower])
+    saved = config.get("vwlmm_vision_config")
+    if saved:
+        model_type = saved.get("model_type")
+        for fmt in HF_FORMATS:
+            if model_type == fmt.model_types[0]:
+                return fmt.config_from_dict(saved)
+        raise UnsupportedModelError(f"{folder}/config.json: vwlmm_vision_config has model_type "
+                                    f"{model_type!r}, not a supported vision model")
+    for fmt in HF_FORMATS:
+        if tower in fmt.known_towers:
+            return fmt.config_from_dict(fmt.known_towers[tower])
+    known = sorted(t for fmt in HF_FORMATS for t in fmt.known_towers)
     raise UnsupportedModelError(
         f"{folder}/config.json: mm_vision_tower {tower!r} is neither a local folder nor a known "
-        f"tower ({sorted(_KNOWN_TOWERS)}); pass --vision <CLIP folder> for its config")
+        f"tower ({known}); pass --vision <vision model folder> for its config")
 
 
 def _pif_of(src: Path, raw: dict, pif: Optional[bool]) -> bool:
@@ -191,8 +193,9 @@ def import_original(src_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1,
     fields, whatever its ``architectures`` says.
 
     ``model.*`` + ``lm_head`` (Llama or Mistral, read from the config) + ``model.mm_projector``
-    (mlp2x_gelu) + the CLIP tower (``model.vision_tower.vision_tower.*``, or from ``vision_dir``
-    / a local ``mm_vision_tower`` when the checkpoint leaves it out, as LLaVA-1.5 may). With a
+    (mlp2x_gelu) + the vision tower, CLIP or SigLIP (``model.vision_tower.vision_tower.*``, or
+    from ``vision_dir`` / a local ``mm_vision_tower`` when the checkpoint leaves it out, as
+    LLaVA-1.5 may). With a
     ``vm_head`` it is a VW-LMM checkpoint, imported whole; without one (LLaVA-1.5) the VM head
     starts per ``vm_head_init``. ``pif``: see ``_pif_of``."""
     from transformers import LlamaConfig, MistralConfig
@@ -248,11 +251,11 @@ def import_original(src_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1,
 
 
 def _tower_weights(raw: dict, src: Path, vision_dir: Optional[str]):
-    """(CLIP tensors, where from) for a checkpoint that does not carry its vision tower."""
+    """(vision tensors, where from) for a checkpoint that does not carry its vision tower."""
     tower = raw.get("mm_vision_tower") or ""
     for folder in (vision_dir, tower):
         if folder and (Path(folder) / "config.json").is_file():
             return layouts.clip_vision_keys(read_hf_tensors(folder)), str(Path(folder).resolve())
     raise UnsupportedModelError(
         f"{src}: the checkpoint holds no vision tower weights and mm_vision_tower {tower!r} is "
-        "not a local folder; pass --vision <CLIP folder>")
+        "not a local folder; pass --vision <vision model folder>")

@@ -3,7 +3,7 @@
 ``hf_mapping`` speaks per-component HF names ({"llm", "vision", "projector", "vm_head"}); the
 formats differ only in where each component sits:
 
-- llava-hf (transformers ``LlavaForConditionalGeneration``, ARCHITECTURE §5):
+- llava-hf (transformers ``LlavaForConditionalGeneration``, ``docs/ARCHITECTURE.md`` section 5):
   ``model.language_model.*``, ``lm_head.weight``, ``model.vision_tower.<CLIPVisionModel keys>``,
   ``model.multi_modal_projector.linear_{1,2}.*``, and ``vm_head.weight`` (read by
   ``VWLMMForConditionalGeneration``; the one key stock transformers reports as unexpected).
@@ -11,8 +11,9 @@ formats differ only in where each component sits:
   as in LlamaForCausalLM, ``model.vision_tower.vision_tower.vision_model.*``,
   ``model.mm_projector.{0,2}.*``, ``vm_head.weight``.
 
-The vision component here holds CLIP keys without the ``vision_model.`` prefix (transformers 5
-in-memory names); ``clip_vision_keys`` normalises what is found on disk.
+The vision component here holds the vision model's keys without the ``vision_model.`` prefix
+(transformers 5 in-memory names, ``megatron_vwlmm/vision/hf_formats.py``); ``clip_vision_keys``
+normalises what is found on disk, for CLIP and SigLIP alike.
 """
 
 from __future__ import annotations
@@ -29,19 +30,22 @@ _ORIGINAL_VISION = "model.vision_tower.vision_tower.vision_model."
 
 
 def clip_vision_keys(state: Mapping[str, torch.Tensor]) -> Tensors:
-    """CLIP vision tensors under ``CLIPVisionModel``'s in-memory names, from a vision-only or
-    full-CLIP state (``vision_model.`` prefix stripped; text tower and projections dropped)."""
+    """Vision tensors under ``CLIPVisionModel``'s / ``SiglipVisionModel``'s in-memory names,
+    from a vision-only or two-tower state (``vision_model.`` prefix stripped; text tower and
+    projections dropped)."""
     out: Tensors = {}
     for key, value in state.items():
         if key.startswith("vision_model."):
             out[key[len("vision_model."):]] = value
-        elif key.startswith(("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")):
+        elif key.startswith(("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.",
+                             "head.")):
             out[key] = value
     return out
 
 
 def split_vision_tail(vision: Mapping[str, torch.Tensor], layers_run: int) -> tuple[Tensors, Tensors]:
-    """(tensors of the layers the encoder runs, the rest: later layers + post_layernorm).
+    """(tensors of the layers the encoder runs, the rest: later layers, post_layernorm and
+    SigLIP's pooling head).
 
     The megatron encoder only has the layers up to the feature layer; the rest of the source
     CLIP is kept beside the checkpoint so exports carry the whole tower bit-exactly.
@@ -51,7 +55,7 @@ def split_vision_tail(vision: Mapping[str, torch.Tensor], layers_run: int) -> tu
         if key.startswith("encoder.layers."):
             index = int(key.split(".")[2])
             (head if index < layers_run else tail)[key] = value
-        elif key.startswith("post_layernorm."):
+        elif key.startswith(("post_layernorm.", "head.")):
             tail[key] = value
         else:
             head[key] = value
@@ -63,7 +67,8 @@ def identity_vision_tail(vision: Mapping[str, torch.Tensor], layers_run: int,
     """Stand-in CLIP layers after the feature layer when the source tail is unknown (a model
     trained from scratch): out_proj and fc2 zeroed make each layer the identity on its residual
     stream, post_layernorm is the unit LayerNorm. The exported model's outputs never depend on
-    these layers (the adapter reads an earlier hidden state), so logits stay exact."""
+    these layers (the adapter reads an earlier hidden state), so logits stay exact. SigLIP's
+    pooling head has no stand-in: such an export declares none (``vision_use_head`` false)."""
     tail: Tensors = {}
     for i in range(layers_run, num_layers):
         template = f"encoder.layers.{layers_run - 1}."
@@ -72,7 +77,7 @@ def identity_vision_tail(vision: Mapping[str, torch.Tensor], layers_run: int,
                 name = key[len(template):]
                 zero = name.startswith(("self_attn.out_proj.", "mlp.fc2."))
                 tail[f"encoder.layers.{i}.{name}"] = torch.zeros_like(value) if zero else value
-    width = vision["pre_layrnorm.weight"]
+    width = vision["embeddings.position_embedding.weight"][0]
     tail["post_layernorm.weight"] = torch.ones_like(width)
     tail["post_layernorm.bias"] = torch.zeros_like(width)
     return tail

@@ -5,59 +5,37 @@ Conversions never shard by hand: a full (TP1PP1) model is saved with megatron's
 trainer loads the same files into any TP/PP layout; an export loads any layout's checkpoint back
 into a TP1PP1 model the same way.
 
-An import directory is a dist checkpoint plus ``vwlmm_config.json`` (the ``VWLMMConfig``, the
-layout it was validated for and where the weights came from) and, when the source CLIP is deeper
-than the layers the encoder runs, ``vision_tail.safetensors`` (those layers + post-layernorm,
-HF names) so exports carry the whole tower. The trainer's checkpoints (``pipeline/checkpoint.py``:
-``<root>/latest`` -> ``iter_NNNNNNN/``, run config in the common state) are read too.
+An import folder is a dist checkpoint whose common state records the ``VWLMMConfig``, the layout
+it was validated for and the provenance of its weights (``megatron_vwlmm/checkpoint/metadata.py``),
+plus ``vwlmm_config.json`` (the same, for people) and, when the source vision tower is deeper
+than the layers the encoder runs, ``vision_tail.safetensors`` (those layers + the final norm,
+HF names) so exports carry the whole tower. Trainer checkpoints record the same and are found
+through the same layout (``megatron_vwlmm/checkpoint/layout.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional
 
 import torch
 
+from megatron_vwlmm.checkpoint.layout import VISION_TAIL_FILE, find_checkpoint, write_file_atomic
+from megatron_vwlmm.checkpoint.metadata import (
+    CONFIG_KEY,
+    PROVENANCE_KEY,
+    Provenance,
+    config_to_dict,
+    model_config_of,
+)
 from megatron_vwlmm.convert.errors import IncompleteCheckpointError
-from megatron_vwlmm.model.config import DecoderConfig, VisionConfig, VWLMMConfig, get_preset
+from megatron_vwlmm.model.config import VWLMMConfig
 
-CONFIG_FILE = "vwlmm_config.json"
-VISION_TAIL_FILE = "vision_tail.safetensors"
-LATEST = "latest"
-
-
-# -- config (de)serialisation --------------------------------------------------------------------
-
-def config_to_dict(config: VWLMMConfig) -> Dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
-def config_from_dict(raw: Mapping[str, Any], source: str = "config") -> VWLMMConfig:
-    """Inverse of ``config_to_dict``; unknown or missing fields are named in the error."""
-    raw = dict(raw)
-    try:
-        decoder = DecoderConfig(**raw.pop("decoder"))
-        vision = VisionConfig(**raw.pop("vision"))
-        return VWLMMConfig(decoder=decoder, vision=vision, **raw)
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"{source}: not a VWLMMConfig ({exc})") from exc
-
-
-def trainer_model_config(train_config: Mapping[str, Any]) -> VWLMMConfig:
-    """The model config of a trainer checkpoint's run config (``pipeline.config.TrainConfig``
-    as a dict): preset + vision preset + overrides + precision, as the trainer builds it."""
-    model = train_config["model"]
-    changes = dict(model.get("overrides") or {})
-    precision = train_config.get("precision") or {}
-    changes.setdefault("bf16", precision.get("bf16", False))
-    changes.setdefault("fp8", precision.get("fp8"))
-    return get_preset(model["preset"], vision=model.get("vision"), **changes)
+IMPORT_RECORD_FILE = "vwlmm_config.json"
 
 
 # -- one-process megatron ----------------------------------------------------------------------------
@@ -100,6 +78,17 @@ def model_state(model) -> Dict[str, torch.Tensor]:
 
 # -- save ------------------------------------------------------------------------------------------
 
+def import_provenance(out: Path, source: Mapping[str, Any], has_vision_tail: bool) -> Provenance:
+    """The provenance an import records: itself, its source record, the source's tokenizer."""
+    from megatron_vwlmm.convert.processor import find_tokenizer_dir
+
+    tokenizer = find_tokenizer_dir(source.get("llm"), source.get("vwlmm"))
+    out = out.resolve()
+    return Provenance(import_dir=str(out), conversion=dict(source),
+                      tokenizer=str(tokenizer.resolve()) if tokenizer else None,
+                      vision_tail=str(out / VISION_TAIL_FILE) if has_vision_tail else None)
+
+
 def save_checkpoint(model, config: VWLMMConfig, out_dir: str | Path, *, layout: Dict[str, int],
                     source: Dict[str, Any], vision_tail: Optional[Mapping[str, torch.Tensor]] = None
                     ) -> Path:
@@ -111,17 +100,19 @@ def save_checkpoint(model, config: VWLMMConfig, out_dir: str | Path, *, layout: 
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: output directory exists and is not empty")
     out.mkdir(parents=True, exist_ok=True)
+    provenance = import_provenance(out, source, bool(vision_tail))
     sharded = {
         "model": model.sharded_state_dict(),
-        "vwlmm_config": config_to_dict(config),
+        CONFIG_KEY: config_to_dict(config),
         "layout": dict(layout),
-        "conversion": dict(source),
+        PROVENANCE_KEY: provenance.to_dict(),
     }
     dist_checkpointing.save(sharded, str(out), sharded_strategy=("torch_dist", 1))
     if vision_tail:
         save_file({k: v.contiguous() for k, v in vision_tail.items()}, str(out / VISION_TAIL_FILE))
-    meta = {"vwlmm_config": config_to_dict(config), "layout": dict(layout), "source": source}
-    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    record = {CONFIG_KEY: config_to_dict(config), "layout": dict(layout),
+              PROVENANCE_KEY: provenance.to_dict()}
+    write_file_atomic(out / IMPORT_RECORD_FILE, json.dumps(record, indent=2, default=str).encode())
     return out
 
 
@@ -129,21 +120,26 @@ def save_checkpoint(model, config: VWLMMConfig, out_dir: str | Path, *, layout: 
 
 @dataclass
 class CheckpointSource:
-    """A megatron checkpoint ready to load: where its tensors are, its model config, and the
-    import directory (if any) whose side files (vision tail, HF source configs) apply to it."""
+    """A megatron checkpoint ready to load: where its tensors are, its model config and where
+    its weights came from."""
 
     path: Path
     config: VWLMMConfig
-    conversion: Dict[str, Any] = field(default_factory=dict)
-    import_dir: Optional[Path] = None
+    provenance: Provenance
+
+    @property
+    def conversion(self) -> Dict[str, Any]:
+        """The source record of the import the weights descend from (empty: from scratch)."""
+        return self.provenance.conversion
 
     def vision_tail(self) -> Dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
-        for folder in (self.path, self.import_dir):
-            if folder is not None and (folder / VISION_TAIL_FILE).is_file():
-                return load_file(str(folder / VISION_TAIL_FILE))
-        return {}
+        try:
+            tail = self.provenance.vision_tail_file(self.path)
+        except FileNotFoundError as exc:
+            raise IncompleteCheckpointError(str(exc)) from exc
+        return load_file(str(tail)) if tail is not None else {}
 
 
 def resolve_checkpoint(path: str | Path) -> CheckpointSource:
@@ -151,16 +147,10 @@ def resolve_checkpoint(path: str | Path) -> CheckpointSource:
     checkpoint, a trainer checkpoint root (follows ``latest``) or a run directory."""
     from megatron.core import dist_checkpointing
 
-    path = Path(path)
-    if not path.is_dir():
-        raise IncompleteCheckpointError(f"{path}: checkpoint directory does not exist")
-    for candidate in (path / LATEST, path / "checkpoints" / LATEST):
-        if candidate.is_file():
-            name = candidate.read_text().strip()
-            path = candidate.parent / name
-            if not path.is_dir():
-                raise IncompleteCheckpointError(f"{candidate} names {name!r}, which is missing")
-            break
+    try:
+        path = find_checkpoint(Path(path))
+    except FileNotFoundError as exc:
+        raise IncompleteCheckpointError(str(exc)) from exc
     needed = ["metadata.json", "common.pt", ".metadata"]
     missing = [n for n in needed if not (path / n).is_file()]
     if missing or not dist_checkpointing.check_is_distributed_checkpoint(str(path)):
@@ -172,21 +162,12 @@ def resolve_checkpoint(path: str | Path) -> CheckpointSource:
     if not list(path.glob("*.distcp")):
         raise IncompleteCheckpointError(f"{path}: no *.distcp tensor files")
     common = dist_checkpointing.load_common_state_dict(str(path))
-    conversion = dict(common.get("conversion") or {})
-    import_dir: Optional[Path] = path
-    if "vwlmm_config" in common:
-        config = config_from_dict(common["vwlmm_config"], f"{path}/common.pt")
-    elif isinstance(common.get("config"), Mapping) and "model" in common["config"]:
-        config = trainer_model_config(common["config"])
-        init_from = common["config"]["model"].get("init_from")
-        import_dir = Path(init_from) if init_from else None
-        if import_dir is not None and (import_dir / CONFIG_FILE).is_file():
-            conversion = json.loads((import_dir / CONFIG_FILE).read_text()).get("source", {})
-    else:
-        raise IncompleteCheckpointError(
-            f"{path}/common.pt holds no model config (neither 'vwlmm_config' nor a trainer "
-            "'config'); cannot rebuild the model")
-    return CheckpointSource(path=path, config=config, conversion=conversion, import_dir=import_dir)
+    where = f"{path}/common.pt"
+    try:
+        config = model_config_of(common, where)
+    except ValueError as exc:
+        raise IncompleteCheckpointError(str(exc)) from exc
+    return CheckpointSource(path=path, config=config, provenance=Provenance.of(common, where))
 
 
 def load_checkpoint(source: CheckpointSource):

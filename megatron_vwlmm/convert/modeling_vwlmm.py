@@ -43,7 +43,9 @@ class VWLMMForConditionalGeneration(LlavaForConditionalGeneration):
     def adapter_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The projector outputs x (before PIF), [N, P, h]."""
         vision = self.model.vision_tower(pixel_values, output_hidden_states=True)
-        selected = vision.hidden_states[self.config.vision_feature_layer][:, 1:]
+        selected = vision.hidden_states[self.config.vision_feature_layer]
+        if self.config.vision_feature_select_strategy == "default":
+            selected = selected[:, 1:]  # CLIP's class token; SigLIP exports keep all ("full")
         # The projector's layers called directly: the PIF hook must not apply here.
         p = self.model.multi_modal_projector
         return p.linear_2(p.act(p.linear_1(selected)))

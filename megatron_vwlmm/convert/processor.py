@@ -1,5 +1,6 @@
-"""The processor saved beside a llava-hf export: tokenizer with ``<image>``, CLIP image processor
-in LLaVA's pad mode, chat template matching the training templates of ``preprocessing``."""
+"""The processor saved beside a llava-hf export: tokenizer with ``<image>``, image processor in
+LLaVA's pad mode with the encoder kind's normalisation, chat template matching the training
+templates of ``preprocessing``."""
 
 from __future__ import annotations
 
@@ -8,11 +9,9 @@ from typing import Optional
 
 from megatron_vwlmm.convert.errors import VocabMismatchError
 from megatron_vwlmm.model.config import VWLMMConfig
+from megatron_vwlmm.vision import get_encoder_kind
 
 IMAGE_TOKEN = "<image>"
-# OpenAI CLIP normalisation (what every LLaVA vision tower was trained with).
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 # Jinja without whitespace trimming: the templates are single-line, every space is meant.
 _CONTENT = (
@@ -66,23 +65,29 @@ def load_tokenizer_with_image_token(tokenizer_dir: str | Path, vocab_size: int):
 
 
 def build_processor(tokenizer, config: VWLMMConfig, template: str):
-    """A ``LlavaProcessor``: CLIP preprocessing with LLaVA's pad-to-square (``do_pad``, mean
-    colour background), ``num_additional_image_tokens=1`` (the CLS the model drops), so one
-    ``<image>`` expands to ``num_patches`` tokens."""
+    """A ``LlavaProcessor``: CLIP-style preprocessing with LLaVA's pad-to-square (``do_pad``,
+    mean colour background) and the encoder kind's mean/std; ``num_additional_image_tokens``
+    is the kind's class token (CLIP: 1, which the model drops; SigLIP: 0), so one ``<image>``
+    expands to ``num_patches`` tokens."""
     from transformers import LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    from megatron_vwlmm.vision.hf_formats import hf_format
 
     if template not in CHAT_TEMPLATES:
         raise ValueError(f"template: {template!r} is not one of {sorted(CHAT_TEMPLATES)}")
     size = config.vision.image_size
+    kind = get_encoder_kind(config.vision.kind)
     image_processor = LlavaImageProcessorPil(
         do_pad=True, do_resize=True, size={"shortest_edge": size}, do_center_crop=True,
         crop_size={"height": size, "width": size}, do_rescale=True, rescale_factor=1 / 255,
-        do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True)
+        do_normalize=True, image_mean=list(kind.image_mean), image_std=list(kind.image_std),
+        do_convert_rgb=True)
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=config.vision.patch_size,
-        vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATES[template],
-        image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
+        vision_feature_select_strategy=hf_format(kind.name).llava_feature_strategy,
+        chat_template=CHAT_TEMPLATES[template], image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=kind.num_class_tokens)
 
 
 def default_template(architecture: str) -> str:

@@ -1,7 +1,8 @@
 """Vocab-parallel visual-word KL: ``KL(softmax(z) || softmax(s))`` per position, never gathering [N, V].
 
 VW-LMM (arXiv 2403.07720) supervises the multimodal head's prediction ``s_{t-1}`` at every image
-position with the visual-word distribution ``softmax(z_t)`` of the VM head (ARCHITECTURE.md §1).
+position with the visual-word distribution ``softmax(z_t)`` of the VM head
+(``docs/ARCHITECTURE.md`` section 1).
 Under tensor parallelism both heads are split by vocabulary rows, so rank r holds the same
 vocab slice of ``s`` and ``z``. Per position, with every reduction over the full vocabulary:
 

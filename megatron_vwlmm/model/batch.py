@@ -21,7 +21,8 @@ class VWLMMBatch:
 
     tokens [B, T] int64 (image positions hold the pad id), labels [B, T] int64 aligned with
     tokens (IGNORE_INDEX where unsupervised; the loss shifts them), image_token_mask [B, T] bool,
-    images [N, 3, H, W] float (CLIP-normalised), in the order of the mask's image runs.
+    images [N, 3, H, W] float (normalised with the encoder kind's mean/std), in the order of
+    the mask's image runs.
     sample_lengths [num_samples] int64: spliced positions of each sample (the useful work; the
     rest of the B x T positions is padding). ``packing``: None for padded rows (one sample per
     row); for packed rows B is 1, T is rows x seq_length, and it holds the document boundaries.

@@ -1,9 +1,10 @@
 """Typed configuration of a VW-LMM model and its presets.
 
 Three groups, each a dataclass validated at construction: the decoder (a Llama/Vicuna/Mistral
-LLM), the vision encoder (a CLIP ViT) and the VW-LMM specifics (visual-word loss, PIF, what is
-frozen, layer implementation). ``to_*_transformer_config`` turn them into megatron-core
-``TransformerConfig`` objects, the one place where our fields meet megatron's.
+LLM), the vision encoder (a ViT of one of the kinds in ``megatron_vwlmm/vision``: CLIP, SigLIP)
+and the VW-LMM specifics (visual-word loss, PIF, what is frozen, layer implementation).
+``to_*_transformer_config`` turn them into megatron-core ``TransformerConfig`` objects, the one
+place where our fields meet megatron's.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-IMAGE_TOKEN_ID = -200  # LLaVA's IMAGE_TOKEN_INDEX: the placeholder id in tokenized samples
-IGNORE_INDEX = -100
+from megatron_vwlmm.vision import ENCODER_KINDS, get_encoder_kind
+from vwlmm_data.contract import IGNORE_INDEX, IMAGE_TOKEN_ID  # noqa: F401  (re-exported)
 
 _VM_TARGET_GRAD = ("full", "detach")
 _TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
@@ -48,7 +49,8 @@ class DecoderConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                     "num_query_groups", "vocab_size", "seq_length"):
+                     "num_query_groups", "vocab_size", "seq_length", "rotary_base", "norm_epsilon",
+                     "init_method_std"):
             _require(getattr(self, name) > 0, f"decoder.{name}", "must be positive")
         _require(self.hidden_size % self.num_attention_heads == 0, "decoder.hidden_size",
                  f"{self.hidden_size} is not divisible by num_attention_heads "
@@ -61,9 +63,15 @@ class DecoderConfig:
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """A CLIP ViT. ``num_layers`` is the source model's depth; ``feature_layer`` picks the
-    hidden state fed to the adapter (-2: LLaVA's penultimate layer), so the encoder only builds
-    ``num_layers + 1 + feature_layer`` layers. The CLS token is dropped from the output."""
+    """A ViT image encoder of ``kind`` ('clip' or 'siglip', ``megatron_vwlmm/vision``), which
+    fixes the activation, the class token, the pixel normalisation and the HF format.
+
+    ``num_layers`` is the source model's depth; ``feature_layer`` picks the hidden state fed to
+    the adapter (-2: LLaVA's penultimate layer), so the encoder only builds
+    ``num_layers + 1 + feature_layer`` layers. As in LLaVA, the adapter reads that layer's
+    output as is (no final LayerNorm), patch tokens only (CLIP's class token is dropped).
+    ``num_patches`` is ``(image_size // patch_size) ** 2``: a strip narrower than a patch is
+    dropped by the patch convolution, where the kind allows it (SigLIP at 384 px, 14 px)."""
 
     image_size: int
     patch_size: int
@@ -73,10 +81,16 @@ class VisionConfig:
     num_attention_heads: int
     feature_layer: int = -2
     norm_epsilon: float = 1e-5
+    kind: str = "clip"
 
     def __post_init__(self) -> None:
-        _require(self.image_size % self.patch_size == 0, "vision.image_size",
-                 f"{self.image_size} is not divisible by patch_size {self.patch_size}")
+        for name in ("image_size", "patch_size", "num_layers", "hidden_size", "ffn_hidden_size",
+                     "num_attention_heads", "norm_epsilon"):
+            _require(getattr(self, name) > 0, f"vision.{name}", "must be positive")
+        _require(self.kind in ENCODER_KINDS, "vision.kind",
+                 f"{self.kind!r} is not one of {ENCODER_KINDS}")
+        grid_error = get_encoder_kind(self.kind).grid_error(self.image_size, self.patch_size)
+        _require(grid_error is None, "vision.image_size", str(grid_error))
         _require(-self.num_layers <= self.feature_layer <= -1, "vision.feature_layer",
                  f"must be in [-{self.num_layers}, -1]")
         _require(self.hidden_size % self.num_attention_heads == 0, "vision.hidden_size",
@@ -87,8 +101,13 @@ class VisionConfig:
         return self.num_layers + 1 + self.feature_layer
 
     @property
+    def grid_size(self) -> int:
+        """Patches per image side."""
+        return self.image_size // self.patch_size
+
+    @property
     def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return self.grid_size ** 2
 
 
 @dataclass(frozen=True)
@@ -238,11 +257,13 @@ def decoder_transformer_config(config: VWLMMConfig, overrides: Optional[dict] = 
 
 
 def vision_transformer_config(config: VWLMMConfig, overrides: Optional[dict] = None):
-    """The CLIP ViT's ``TransformerConfig``: LayerNorm, quick-GELU MLP, biases everywhere.
+    """The ViT's ``TransformerConfig``: pre-LayerNorm layers with biases everywhere, plus what
+    its kind sets (the MLP activation: CLIP's quick-GELU, SigLIP's tanh GELU).
 
     The vision encoder is never pipeline-split (it lives with the stages that need it)."""
-    from megatron.core.activations import quick_gelu
     from megatron.core.transformer import TransformerConfig
+
+    from megatron_vwlmm.vision.towers import get_tower
 
     v = config.vision
     fields = dict(
@@ -254,9 +275,9 @@ def vision_transformer_config(config: VWLMMConfig, overrides: Optional[dict] = N
         normalization="LayerNorm",
         layernorm_epsilon=v.norm_epsilon,
         gated_linear_unit=False,
-        activation_func=quick_gelu,
         add_bias_linear=True,
         add_qkv_bias=True,
+        **get_tower(v.kind).transformer_fields,
         **_common_fields(config),
     )
     fields.update(_parallel_fields())
@@ -298,6 +319,16 @@ TINY_VISION = VisionConfig(
     image_size=32, patch_size=8, num_layers=3, hidden_size=32, ffn_hidden_size=64,
     num_attention_heads=4, feature_layer=-2, norm_epsilon=1e-5,
 )
+# google/siglip-so400m-patch14-384 (LLaVA-OneVision's encoder): 27 x 27 patches of 14 px (the
+# last 6 px of the 384 px image fall outside the grid), LLaVA's penultimate layer.
+SIGLIP_SO400M_14_384 = VisionConfig(
+    image_size=384, patch_size=14, num_layers=27, hidden_size=1152, ffn_hidden_size=4304,
+    num_attention_heads=16, feature_layer=-2, norm_epsilon=1e-6, kind="siglip",
+)
+TINY_SIGLIP = VisionConfig(
+    image_size=32, patch_size=8, num_layers=3, hidden_size=32, ffn_hidden_size=64,
+    num_attention_heads=4, feature_layer=-2, norm_epsilon=1e-6, kind="siglip",
+)
 
 _DECODERS = {
     # Vicuna-7B v1.5 == Llama-2-7B shape.
@@ -321,12 +352,14 @@ _DECODERS = {
     ),
 }
 
-_VISIONS = {"clip-vit-l-14-336": CLIP_VIT_L_14_336, "tiny": TINY_VISION}
+_VISIONS = {"clip-vit-l-14-336": CLIP_VIT_L_14_336, "tiny": TINY_VISION,
+            "siglip-so400m-patch14-384": SIGLIP_SO400M_14_384, "tiny-siglip": TINY_SIGLIP}
 
 
 def get_preset(name: str, vision: Optional[str] = None, **changes: Any) -> VWLMMConfig:
     """A named preset ('tiny', 'vicuna-7b', 'mistral-7b'); ``vision`` picks the encoder preset
-    ('clip-vit-l-14-336' for the 7B decoders, 'tiny' for tiny). Dotted ``changes`` override."""
+    (``VISION_PRESETS``; default 'clip-vit-l-14-336' for the 7B decoders, 'tiny' for tiny, and
+    'siglip-so400m-patch14-384' / 'tiny-siglip' for SigLIP). Dotted ``changes`` override."""
     if name not in _DECODERS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(_DECODERS)}")
     vision = vision or ("tiny" if name == "tiny" else "clip-vit-l-14-336")

@@ -86,9 +86,9 @@ def decoder_layer_spec(impl: str, attention_backend: str = "auto") -> ModuleSpec
 
 
 def vision_layer_spec(impl: str, attention_backend: str = "auto") -> ModuleSpec:
-    """CLIP ViT layer: bidirectional attention (no mask).
+    """ViT layer (CLIP and SigLIP alike): bidirectional attention (no mask).
 
-    megatron-core's own local ViT spec asks for a causal mask, which is wrong for CLIP, so the
+    megatron-core's own local ViT spec asks for a causal mask, which is wrong for a ViT, so the
     local variant is spelled out here; the TE spec is megatron's."""
     if impl == "transformer_engine":
         from megatron.core.models.vision.vit_layer_specs import (

@@ -1,4 +1,5 @@
-"""VW-LMM on megatron-core: CLIP ViT -> mlp2x_gelu adapter -> Llama decoder, plus the VM head.
+"""VW-LMM on megatron-core: ViT (CLIP or SigLIP) -> mlp2x_gelu adapter -> Llama decoder, plus
+the VM head.
 
 Paper (arXiv 2403.07720) Sec. 3: the decoder's LM head ("MM head") is trained with next-token
 cross-entropy on text and, at every image position t, with KL(visual word of patch t || the
@@ -6,7 +7,7 @@ model's next-token distribution at t-1), where the visual word is softmax(VM hea
 LLM vocabulary and x_t is the decoder's *input* embedding at t. PIF replaces x_t by
 softmax(VM head(x_t)) @ E.
 
-Pipeline parallelism (ARCHITECTURE §1, design (a)): the KL needs the VM logits on the last
+Pipeline parallelism (``docs/ARCHITECTURE.md`` section 3): the KL needs the VM logits on the last
 stage, but the image features are born on the first. The last stage therefore also runs the
 frozen vision encoder and holds a copy of the adapter (and, in PIF mode, the first stage holds a
 copy of the VM head); the copies' gradients are summed over the embedding group by
@@ -22,7 +23,6 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.vision.clip_vit_model import CLIPViTModel
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
@@ -46,6 +46,7 @@ from megatron_vwlmm.model.specs import (
 )
 from megatron_vwlmm.model.splicing import scatter_image_features, visual_word_positions
 from megatron_vwlmm.parallel.stage_replicas import mark_stage_replicated
+from megatron_vwlmm.vision.towers import get_tower
 
 # Order of the per-micro-batch loss statistics the last stage returns (one tensor, so that
 # megatron's schedules can carry it like any output tensor).
@@ -96,17 +97,13 @@ class VWLMMModel(MegatronModule):
         self.needs_image_features = pre_process or post_process
         self.has_vm_head = post_process or (config.pif and pre_process)
         self.vision_model = self.adapter = self.vm_head = None
+        self.tower = get_tower(v.kind)
         if self.needs_image_features:
-            self.vision_model = CLIPViTModel(
+            self.vision_model = self.tower.build(
+                v,
                 vision_transformer_config(config, transformer_overrides),
                 vision_layer_spec(impl, config.attention_backend),
-                ln_pre_impl=vision_norm_impl(impl),
-                add_class_token=True,
-                class_token_len=1,
-                patch_dim=v.patch_size,
-                img_h=v.image_size,
-                img_w=v.image_size,
-                model_subtype="clip",
+                norm_impl=vision_norm_impl(impl),
             )
             self.adapter = MultimodalProjector(
                 adapter_transformer_config(config),
@@ -189,12 +186,16 @@ class VWLMMModel(MegatronModule):
 
     # -- forward -----------------------------------------------------------------------------
 
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Adapter outputs ``v`` of all patches, [num_images * num_patches, h], batch-major."""
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """What the adapter reads: the encoder's feature-layer hidden states of the patches
+        (class token dropped), [num_images, num_patches, d_vis]."""
         grad_context = torch.no_grad() if self.vwlmm_config.freeze_vision else contextlib.nullcontext()
         with grad_context:
-            patch_features = self.vision_model(images.to(self.vision_model.conv1.weight.dtype))
-        patch_features = patch_features[:, self.vision_model.class_token_len:]  # drop CLS
+            return self.tower.patch_features(self.vision_model, images)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Adapter outputs ``v`` of all patches, [num_images * num_patches, h], batch-major."""
+        patch_features = self.patch_features(images)
         features = self.adapter(patch_features.transpose(0, 1).contiguous())  # [P, N, h]
         return features.transpose(0, 1).reshape(-1, features.shape[-1])
 

@@ -73,10 +73,13 @@ def initialize_distributed(
             timeout=datetime.timedelta(seconds=timeout_s),
         )
     if not parallel_state.model_parallel_is_initialized():
+        # The TP/PP/DP groups get the same collective timeout as the default group (megatron
+        # would give them 30 minutes): a rank whose peer died fails after timeout_s.
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
             virtual_pipeline_model_parallel_size=vpp,
+            distributed_timeout_minutes=timeout_s / 60,
         )
     set_seed(seed)
 

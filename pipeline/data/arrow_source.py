@@ -11,9 +11,9 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from pipeline.data.manifest import ShardInfo
 from pipeline.data.order import is_validation_key
-from pipeline.data.storage import S3Options, open_random_access
+from vwlmm_data.contract import ShardInfo
+from vwlmm_data.storage import S3Options, open_random_access
 
 _COLUMNS = ("key", "input_ids", "labels", "images", "num_images")
 
@@ -43,15 +43,15 @@ class ArrowShards:
 
             info = self.shards[shard]
             try:
-                reader = pa.ipc.open_file(open_random_access(info.url, self.s3))
+                reader = pa.ipc.open_file(open_random_access(info.path, self.s3))
             except Exception as exc:
-                raise OSError(f"{info.url}: not a readable Arrow IPC file ({exc})") from exc
+                raise OSError(f"{info.path}: not a readable Arrow IPC file ({exc})") from exc
             missing = [c for c in _COLUMNS if c not in reader.schema.names]
             if missing:
-                raise ValueError(f"{info.url}: missing column(s) {missing} (data contract)")
+                raise ValueError(f"{info.path}: missing column(s) {missing} (data contract)")
             sizes = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
             if sum(sizes) != info.num_samples:
-                raise ValueError(f"{info.url}: holds {sum(sizes)} rows but manifest.json says "
+                raise ValueError(f"{info.path}: holds {sum(sizes)} rows but manifest.json says "
                                  f"{info.num_samples}")
             self._readers[shard] = reader
             self._batch_offsets[shard] = np.cumsum([0] + sizes).tolist()
@@ -59,7 +59,7 @@ class ArrowShards:
 
     def where(self, index: int) -> str:
         shard = bisect.bisect_right(self.offsets, index) - 1
-        return f"{self.shards[shard].url} row {index - self.offsets[shard]}"
+        return f"{self.shards[shard].path} row {index - self.offsets[shard]}"
 
     def keys(self) -> List[str]:
         """All sample keys (reads only the key column)."""
@@ -71,7 +71,7 @@ class ArrowShards:
         for shard in range(len(self.shards)):
             reader = self._reader(shard)
             if name not in reader.schema.names:
-                raise ValueError(f"{self.shards[shard].url}: no column {name!r} (data contract)")
+                raise ValueError(f"{self.shards[shard].path}: no column {name!r} (data contract)")
             for i in range(reader.num_record_batches):
                 out.extend(reader.get_batch(i).column(name).to_pylist())
         return out

@@ -1,7 +1,8 @@
 """Turn a stored sample (either shard format) into the model's input dict.
 
 Images are stored un-normalized JPEG RGB at the vision resolution; the trainer normalizes with
-the CLIP mean/std the vision tower was trained with (data contract).
+the mean/std of the vision encoder they were prepared for (the manifest's ``vision`` section,
+``vwlmm_data/contract.py``), which the trainer has checked against the model's encoder.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.data.manifest import CLIP_MEAN, CLIP_STD, IGNORE_INDEX, IMAGE_TOKEN_ID
+from vwlmm_data.contract import IGNORE_INDEX, IMAGE_TOKEN_ID, VisionInfo
 
 
 class BadSampleError(ValueError):
     """A stored sample breaks the data contract; the message names the sample and the shard."""
 
 
-def decode_image(jpeg: bytes, image_size: int, where: str) -> torch.Tensor:
-    """JPEG bytes -> float32 [3, H, W], CLIP-normalized."""
+def decode_image(jpeg: bytes, image_size: int, where: str, vision: VisionInfo) -> torch.Tensor:
+    """JPEG bytes -> float32 [3, H, W], normalized with ``vision``'s mean/std."""
     try:
         img = Image.open(io.BytesIO(jpeg))
         img = img.convert("RGB")
@@ -31,12 +32,13 @@ def decode_image(jpeg: bytes, image_size: int, where: str) -> torch.Tensor:
         raise BadSampleError(f"{where}: image is {img.size[0]}x{img.size[1]}, expected "
                              f"{image_size}x{image_size} (manifest image_size)")
     arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    mean = torch.tensor(vision.image_mean).view(3, 1, 1)
+    std = torch.tensor(vision.image_std).view(3, 1, 1)
     return (arr - mean) / std
 
 
-def decode_sample(raw: Dict[str, Any], image_size: int, where: str) -> Dict[str, Any]:
+def decode_sample(raw: Dict[str, Any], image_size: int, where: str,
+                  vision: VisionInfo) -> Dict[str, Any]:
     """``raw``: {key, input_ids, labels, images (list of JPEG bytes), num_images}.
 
     Returns {key, input_ids (int64), labels (int64), images (list of [3,H,W] tensors)}.
@@ -59,6 +61,6 @@ def decode_sample(raw: Dict[str, Any], image_size: int, where: str) -> Dict[str,
         "key": key,
         "input_ids": torch.from_numpy(input_ids),
         "labels": torch.from_numpy(labels),
-        "images": [decode_image(b, image_size, f"{where}, image {i}")
+        "images": [decode_image(b, image_size, f"{where}, image {i}", vision)
                    for i, b in enumerate(images)],
     }

@@ -22,9 +22,10 @@ of micro-batches then varies from step to step; the data position stays a sample
 
 from __future__ import annotations
 
-import signal
-
+import atexit
 import functools
+import multiprocessing
+import signal
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -34,18 +35,18 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from pipeline.data.arrow_source import ArrowShards, split_indices
 from pipeline.data.decode import decode_sample
-from pipeline.data.manifest import IMAGE_TOKEN_ID, ShardInfo
 from pipeline.data.order import (ModalityLengthGrouping, is_validation_key, position_to_item,
                                  rank_positions, rank_shards)
-from pipeline.data.storage import S3Options
 from pipeline.data.wds_source import iter_shard
+from vwlmm_data.contract import IMAGE_TOKEN_ID, ShardInfo, VisionInfo
+from vwlmm_data.storage import S3Options
 
 
 @dataclass(frozen=True)
 class LoaderSpec:
     """Everything a rank's loader needs; plain data so it pickles into worker processes."""
 
-    shards: Sequence[ShardInfo]
+    shards: Sequence[ShardInfo]  # resolved: ``path`` is what readers open
     format: str  # "arrow" | "webdataset"
     micro_batch_size: int
     global_batch_size: int
@@ -56,6 +57,7 @@ class LoaderSpec:
     num_patches: int
     image_size: int
     pad_token_id: int
+    vision: VisionInfo  # the normalisation images get (the model's encoder, manifest-checked)
     valid_fraction: float = 0.0
     num_workers: int = 0
     prefetch_factor: int = 4
@@ -106,15 +108,30 @@ def _worker_init(_: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+@atexit.register  # after multiprocessing's own exit hook, so it runs before it
+def _kill_loader_workers() -> None:
+    """At interpreter exit multiprocessing SIGTERMs daemonic children, then joins them: loader
+    workers ignore SIGTERM, and when the trainer exits on an error (a collective timed out, a
+    step raised) the failed step's frames keep the loader alive, so that join would wait
+    forever and the rank would never exit. SIGKILL them instead (they only read data), with
+    torch's SIGCHLD handler, which would report their deaths as a loader error, removed."""
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in workers:
+        child.kill()
+
+
 class ArrowPositions(Dataset):
     """Global position -> decoded sample, over the train or validation rows."""
 
     def __init__(self, source: ArrowShards, rows: np.ndarray, seed: int, shuffle: bool,
-                 image_size: int, grouping: Optional[ModalityLengthGrouping] = None) -> None:
+                 image_size: int, vision: VisionInfo,
+                 grouping: Optional[ModalityLengthGrouping] = None) -> None:
         if len(rows) == 0:
             raise ValueError("the selected split holds no samples (check data.valid_fraction)")
         self.source, self.rows, self.seed, self.shuffle = source, rows, seed, shuffle
-        self.image_size, self.grouping = image_size, grouping
+        self.image_size, self.vision, self.grouping = image_size, vision, grouping
 
     def __len__(self) -> int:  # positions are unbounded; this is one epoch
         return len(self.rows)
@@ -123,7 +140,8 @@ class ArrowPositions(Dataset):
         item = self.grouping.item(position) if self.grouping is not None else \
             position_to_item(position, len(self.rows), self.seed, self.shuffle)
         row = int(self.rows[item])
-        return decode_sample(self.source[row], self.image_size, self.source.where(row))
+        return decode_sample(self.source[row], self.image_size, self.source.where(row),
+                             self.vision)
 
 
 class WebDatasetStream(IterableDataset):
@@ -158,7 +176,7 @@ class WebDatasetStream(IterableDataset):
                     if skip > 0:
                         skip -= 1
                         continue
-                    yield raw, shard.url
+                    yield raw, shard.path
             if kept == 0:
                 raise ValueError(f"data: rank {spec.dp_rank} found no {self.split} samples in "
                                  "its shards (check data.valid_fraction)")
@@ -175,7 +193,7 @@ class WebDatasetStream(IterableDataset):
             if len(pending) < mbs:
                 continue
             if index % workers == worker:
-                decoded = [decode_sample(r, spec.image_size, u) for r, u in pending]
+                decoded = [decode_sample(r, spec.image_size, u, spec.vision) for r, u in pending]
                 yield collate(decoded, spec)
             pending, index = [], index + 1
 
@@ -213,7 +231,7 @@ class RankData:
         spec = self.spec
         if spec.format == "arrow":
             ds = ArrowPositions(self.source, self.train_rows, spec.seed, True, spec.image_size,
-                                self._grouping())
+                                spec.vision, self._grouping())
             sampler = rank_positions(consumed_samples, spec.global_batch_size,
                                      spec.samples_per_item, spec.dp_size, spec.dp_rank)
             return iter(_loader(ds, spec, batch_sampler=sampler,
@@ -236,7 +254,8 @@ class RankData:
         """Validation micro-batches of this rank, always from the start (comparable curves)."""
         spec = self.spec
         if spec.format == "arrow":
-            ds = ArrowPositions(self.source, self.valid_rows, spec.seed, False, spec.image_size)
+            ds = ArrowPositions(self.source, self.valid_rows, spec.seed, False, spec.image_size,
+                                spec.vision)
             sampler = rank_positions(0, spec.global_batch_size, spec.samples_per_item,
                                      spec.dp_size, spec.dp_rank)
             return iter(_loader(ds, spec, batch_sampler=sampler,

@@ -1,8 +1,9 @@
 """Synthetic tokenized datasets written exactly per the data contract (both formats, same samples).
 
 For tests and benchmarks of the trainer. Independent of the preprocessing package on purpose:
-the readers are checked against the contract text, not against the other side's writer; the
-benchmarks need arbitrary sizes (336 px images, 2k-token sequences) without a tokenizer.
+the readers are checked against the contract (``vwlmm_data/contract.py``), not against the other
+side's writer; the benchmarks need arbitrary sizes (336 px images, 2k-token sequences) without
+a tokenizer.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import pyarrow as pa
 import webdataset as wds
 from PIL import Image
 
-IMAGE_TOKEN_ID, IGNORE_INDEX = -200, -100
+from vwlmm_data.contract import (ARROW_SCHEMA, FORMAT_VERSION, IGNORE_INDEX, IMAGE_TOKEN_ID,
+                                 Manifest, ShardInfo, Statistics, TokenizerInfo, VisionInfo,
+                                 shard_name, write_manifest)
 
 
 def make_samples(n: int, image_size: int = 32, seed: int = 0, vocab: int = 32000,
@@ -52,10 +55,11 @@ def make_samples(n: int, image_size: int = 32, seed: int = 0, vocab: int = 32000
 def write_dataset(root: str, samples: List[dict], shard_size: int, image_size: int = 32,
                   num_patches: int = 16, formats=("arrow", "webdataset"),
                   tokenizer: str = "test-tokenizer", template: str = "plain",
-                  max_seq_len: int = 256, vocab_size: int = 32000) -> str:
+                  max_seq_len: int = 256, vocab_size: int = 32000,
+                  vision_encoder: str = "clip") -> str:
     """Write ``samples`` as shards of ``shard_size`` plus manifest.json; returns ``root``.
-    ``vocab_size`` is the tokenizer's as the manifest records it (the trainer checks it against
-    the model's)."""
+    ``vocab_size`` is the tokenizer's and ``vision_encoder`` the encoder kind, as the manifest
+    records them (the trainer checks both against the model's)."""
     os.makedirs(root, exist_ok=True)
     shards = []
     both = len(formats) == 2
@@ -64,7 +68,7 @@ def write_dataset(root: str, samples: List[dict], shard_size: int, image_size: i
         os.makedirs(os.path.join(root, sub), exist_ok=True)
         for s, start in enumerate(range(0, len(samples), shard_size)):
             chunk = samples[start:start + shard_size]
-            name = f"shard-{s:06d}.{'arrow' if fmt == 'arrow' else 'tar'}"
+            name = shard_name(s, fmt)
             rel = os.path.join(sub, name) if sub else name
             path = os.path.join(root, rel)
             ntok = [len(x["input_ids"]) - x["num_images"] + x["num_images"] * num_patches
@@ -73,16 +77,14 @@ def write_dataset(root: str, samples: List[dict], shard_size: int, image_size: i
                 table = pa.table({
                     "key": [x["key"] for x in chunk],
                     "source_id": [x["source_id"] for x in chunk],
-                    "images": pa.array([x["images"] for x in chunk], pa.list_(pa.binary())),
-                    "input_ids": pa.array([x["input_ids"].tolist() for x in chunk],
-                                          pa.list_(pa.int32())),
-                    "labels": pa.array([x["labels"].tolist() for x in chunk],
-                                       pa.list_(pa.int32())),
-                    "num_images": pa.array([x["num_images"] for x in chunk], pa.int32()),
-                    "num_tokens": pa.array(ntok, pa.int32()),
+                    "images": [x["images"] for x in chunk],
+                    "input_ids": [x["input_ids"].tolist() for x in chunk],
+                    "labels": [x["labels"].tolist() for x in chunk],
+                    "num_images": [x["num_images"] for x in chunk],
+                    "num_tokens": ntok,
                     "template": [x["template"] for x in chunk],
                     "meta": [x["meta"] for x in chunk],
-                })
+                }, schema=ARROW_SCHEMA)
                 with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
                     w.write_table(table, max_chunksize=3)  # several record batches per shard
             else:
@@ -97,17 +99,24 @@ def write_dataset(root: str, samples: List[dict], shard_size: int, image_size: i
                         for i, img in enumerate(x["images"]):
                             rec[f"img{i}.jpg"] = img
                         w.write(rec)
-            shards.append({"path": rel, "format": fmt, "num_samples": len(chunk),
-                           "num_tokens": int(sum(ntok))})
-    manifest = {
-        "format_version": 1, "num_samples": len(samples), "rejected": {}, "shards": shards,
-        "statistics": {"max_tokens": max(len(x["input_ids"]) - x["num_images"]
-                                         + x["num_images"] * num_patches for x in samples)},
-        "tokenizer": {"name_or_path": tokenizer, "sha256": "0" * 64, "vocab_size": vocab_size},
-        "template": template, "image_token_id": IMAGE_TOKEN_ID, "ignore_index": IGNORE_INDEX,
-        "image_size": image_size, "image_mode": "resize", "num_patches_per_image": num_patches,
-        "max_seq_len": max_seq_len, "config": {}, "vwlmm_version": "synthetic",
-    }
-    with open(os.path.join(root, "manifest.json"), "w") as f:
-        json.dump(manifest, f)
+            shards.append(ShardInfo(path=rel, format=fmt, num_samples=len(chunk),
+                                    num_tokens=int(sum(ntok))))
+    lengths = [len(x["input_ids"]) - x["num_images"] + x["num_images"] * num_patches
+               for x in samples]
+    manifest = Manifest(
+        format_version=FORMAT_VERSION, num_samples=len(samples), rejected={},
+        shards=tuple(shards),
+        statistics=Statistics(
+            num_records=len(samples), num_tokens=sum(lengths), min_tokens=min(lengths),
+            max_tokens=max(lengths), mean_tokens=sum(lengths) / len(samples),
+            num_text_tokens=sum(len(x["input_ids"]) - x["num_images"] for x in samples),
+            num_supervised_tokens=sum(int((x["labels"] != IGNORE_INDEX).sum()) for x in samples),
+            num_images=sum(x["num_images"] for x in samples),
+            num_text_only=sum(x["num_images"] == 0 for x in samples)),
+        tokenizer=TokenizerInfo(name_or_path=tokenizer, sha256="0" * 64, vocab_size=vocab_size),
+        template=template, image_token_id=IMAGE_TOKEN_ID, ignore_index=IGNORE_INDEX,
+        image_size=image_size, image_mode="resize", num_patches_per_image=num_patches,
+        max_seq_len=max_seq_len, formats=tuple(formats), config={}, vwlmm_version="synthetic",
+        vision=VisionInfo.of(vision_encoder))
+    write_manifest(root, manifest)
     return root

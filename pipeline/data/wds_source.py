@@ -10,8 +10,8 @@ import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.data.decode import BadSampleError
-from pipeline.data.manifest import ShardInfo
-from pipeline.data.storage import S3Options, open_stream
+from vwlmm_data.contract import ShardInfo
+from vwlmm_data.storage import S3Options, open_read
 
 
 def _load_npy(data: bytes, where: str) -> np.ndarray:
@@ -46,15 +46,15 @@ def to_raw(sample: Dict[str, Any], url: str) -> Dict[str, Any]:
 
 def iter_shard(shard: ShardInfo, s3: S3Options = S3Options()) -> Iterator[Dict[str, Any]]:
     """Raw samples of one shard in stored order; checks the count against the manifest."""
-    stream = open_stream(shard.url, s3)
+    stream = open_read(shard.path, s3)
     count = 0
     try:
-        files = tar_file_expander([{"url": shard.url, "stream": stream}])
+        files = tar_file_expander([{"url": shard.path, "stream": stream}])
         for sample in group_by_keys(files):
             count += 1
-            yield to_raw(sample, shard.url)
+            yield to_raw(sample, shard.path)
     finally:
         stream.close()
     if count != shard.num_samples:
-        raise ValueError(f"{shard.url}: holds {count} samples but manifest.json says "
+        raise ValueError(f"{shard.path}: holds {count} samples but manifest.json says "
                          f"{shard.num_samples}")

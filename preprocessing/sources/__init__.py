@@ -1,53 +1,51 @@
-"""Readers of raw inputs. Each source turns one input file into records in two passes:
+"""The registry of raw-input sources: ``--source`` names -> ``Source`` objects.
 
-``scan`` (cheap, per input file): a stable key, a dedup digest and a locator per record, so the
-driver can cut the file into units and decide duplicates globally before any image is decoded;
-``read_unit`` (per unit, in a worker): the records of one unit with their image bytes.
+The driver, the workers, the config and the CLI reach a source only through ``get_source``, so
+a new kind of input is a module implementing ``base.Source`` plus one ``register`` call here;
+the CLI's ``--source`` choices and help come from this registry.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
-from dataclasses import dataclass, field
+from preprocessing.sources.base import RawRecord, Scan, Source, content_digest, make_key
+from preprocessing.sources.laion import LaionSource
+from preprocessing.sources.llava import LlavaSource
 
-from preprocessing.templates import Turn
+__all__ = ["RawRecord", "Scan", "Source", "content_digest", "make_key", "canonical_name",
+           "get_source", "register", "source_choices", "SOURCES"]
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-
-
-def make_key(source: str, source_id: str) -> str:
-    """``<source>-<id>`` restricted to ``[A-Za-z0-9_-]`` (WebDataset splits keys at dots).
-
-    Ids that had to be rewritten get a short hash of the original, so ``a.b`` and ``a_b`` stay
-    distinct.
-    """
-    clean = _UNSAFE.sub("_", source_id)
-    if clean != source_id or not clean:
-        clean += "-" + hashlib.sha1(source_id.encode()).hexdigest()[:8]
-    return f"{source}-{clean}"
+SOURCES: dict[str, Source] = {}
+_ALIASES: dict[str, str] = {}
 
 
-def content_digest(images: list[bytes], text: str) -> str:
-    """Exact-duplicate identity: sha256 of each image's bytes plus the text."""
-    h = hashlib.sha256()
-    for data in images:
-        h.update(hashlib.sha256(data).digest())
-    h.update(text.encode())
-    return h.hexdigest()[:32]
+def register(source: Source) -> None:
+    """Make ``source`` selectable as ``--source <name>`` (and its aliases)."""
+    for name in (source.name, *source.aliases):
+        if name in SOURCES or name in _ALIASES:
+            raise ValueError(f"source name {name!r} is already registered")
+    SOURCES[source.name] = source
+    _ALIASES.update({alias: source.name for alias in source.aliases})
 
 
-@dataclass
-class RawRecord:
-    """One input record, images loaded; ``error`` is a (reason, detail) found while reading."""
+def source_choices() -> tuple[str, ...]:
+    """Every accepted ``--source`` value: the names, then the aliases."""
+    return (*SOURCES, *_ALIASES)
 
-    key: str
-    source_id: str
-    turns: list[Turn] = field(default_factory=list)
-    images: list[bytes] = field(default_factory=list)
-    meta: dict = field(default_factory=dict)
-    error: tuple[str, str] | None = None
 
-    def meta_json(self) -> str:
-        return json.dumps(self.meta, sort_keys=True, ensure_ascii=False, default=str)
+def canonical_name(name: str) -> str:
+    """``name`` with an alias resolved; KeyError for a name no source has."""
+    name = _ALIASES.get(name, name)
+    if name not in SOURCES:
+        raise KeyError(name)
+    return name
+
+
+def get_source(name: str) -> Source:
+    try:
+        return SOURCES[canonical_name(name)]
+    except KeyError:
+        raise ValueError(f"unknown source {name!r}; choose from {source_choices()}") from None
+
+
+register(LaionSource())
+register(LlavaSource())

@@ -4,6 +4,13 @@ parquet metadata (url/caption, optional punsafe, pwatermark, similarity, width, 
 Pairing follows img2dataset's layout: ``00000.tar`` joins ``00000.parquet`` when that parquet is
 among the inputs; without one, the tar's own ``.json``/``.txt`` members are the metadata.
 Units are byte ranges of a tar (recorded by the scan), so a worker range-reads only its part.
+
+Hostile records are rejects, never crashes: a member over ``max_image_bytes`` is skipped unread
+("file_too_large"), metadata or a caption with a lone UTF-16 surrogate is "bad_text", and
+``.json`` members that do not parse (or nest too deeply) are ignored as metadata, as before.
+What cannot be read as records at all is an error naming the file: a broken tar at scan time,
+and a parquet whose footer or schema does not read before anything is planned
+(``LaionSource.input_files``).
 """
 
 from __future__ import annotations
@@ -12,13 +19,19 @@ import io
 import json
 import os
 import tarfile
-from typing import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Iterator
 
 import pyarrow.parquet as pq
 
-from preprocessing import storage
-from preprocessing.sources import RawRecord, content_digest, make_key
+from preprocessing.sources.base import (DEFAULT_MAX_IMAGE_BYTES, RawRecord, Scan, content_digest,
+                                        lone_surrogate, make_key, printable)
 from preprocessing.templates import IMAGE_TAG, Turn
+from vwlmm_data import storage
+from vwlmm_data.storage import S3Options
+
+if TYPE_CHECKING:
+    from preprocessing.config import PreprocessConfig
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _BLOCK = 512
@@ -47,20 +60,30 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{dirname}/{stem}" if dirname else stem), ext.lower()
 
 
-def _iter_samples(stream) -> Iterator[tuple[str, dict[str, bytes], int, int]]:
-    """Group consecutive tar members by key: (key, {ext: bytes}, start offset, end offset)."""
+# In a sample's members: the names of members over the size limit (left unread).
+TOO_LARGE = "__too_large__"
+
+
+def _iter_samples(stream, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+                  ) -> Iterator[tuple[str, dict[str, bytes], int, int]]:
+    """Group consecutive tar members by key: (key, {ext: bytes}, start offset, end offset).
+
+    A member over ``max_bytes`` is not read: its name goes to ``members[TOO_LARGE]``.
+    """
     cur_key, cur, start, end = None, {}, 0, 0
     with tarfile.open(fileobj=stream, mode="r|") as tf:
         for m in tf:
             if not m.isfile():
                 continue
             key, ext = _split_name(m.name)
-            data = tf.extractfile(m).read()
             if key != cur_key:
                 if cur_key is not None:
                     yield cur_key, cur, start, end
                 cur_key, cur, start = key, {}, m.offset
-            cur[ext] = data
+            if m.size > max_bytes:
+                cur.setdefault(TOO_LARGE, []).append(f"{printable(m.name)} ({m.size} bytes)")
+            else:
+                cur[ext] = tf.extractfile(m).read()
             end = m.offset_data + -(-m.size // _BLOCK) * _BLOCK
     if cur_key is not None:
         yield cur_key, cur, start, end
@@ -82,20 +105,29 @@ def _image(members: dict[str, bytes]) -> bytes | None:
     return None
 
 
-def scan(tar_uri: str) -> list[dict]:
+def _digest(members: dict[str, bytes], meta: dict) -> str | None:
+    """Dedup identity of a tar sample: its image bytes and its tar caption (None: no image,
+    or a member over the size limit: the sample is a reject)."""
+    if TOO_LARGE in members:
+        return None
+    image = _image(members)
+    text = _caption(members, meta) or ""
+    return content_digest([image], text) if image is not None else None
+
+
+def scan(tar_uri: str, s3: S3Options = S3Options(),
+         max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> list[dict]:
     """Per sample: key, byte range and dedup digest (image bytes + tar caption)."""
     out = []
     try:
-        with storage.open_read(tar_uri) as f:
-            for key, members, start, end in _iter_samples(f):
-                image = _image(members)
+        with storage.open_read(tar_uri, s3) as f:
+            for key, members, start, end in _iter_samples(f, max_bytes):
                 meta = _tar_meta(members)
-                text = _caption(members, meta) or ""
                 out.append({
                     "key": make_key("laion", _source_id(key, meta)),
                     "start": start,
                     "end": end,
-                    "digest": content_digest([image], text) if image is not None else None,
+                    "digest": _digest(members, meta),
                 })
     except tarfile.TarError as exc:
         # A broken container (not a broken image) cannot be split into samples: stop the job
@@ -110,30 +142,66 @@ def _tar_meta(members: dict[str, bytes]) -> dict:
     try:
         meta = json.loads(members["json"])
         return meta if isinstance(meta, dict) else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON / nested deeper than the parser goes
         return {}
 
 
 def _source_id(tar_key: str, meta: dict) -> str:
-    return str(meta.get("key") or os.path.basename(tar_key))
+    key = meta.get("key")
+    return printable(str(key) if isinstance(key, (str, int)) and key != "" else
+                     os.path.basename(tar_key))
 
 
-def _load_parquet(uri: str) -> dict[str, dict]:
-    table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+def check_parquet(uri: str, s3: S3Options = S3Options()) -> None:
+    """ValueError naming ``uri`` unless its footer reads and its schema has a ``key`` column."""
+    try:
+        with storage.open_random_access(uri, s3) as f:
+            names = pq.read_schema(f).names
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for a broken file
+        raise ValueError(f"{uri}: not a readable parquet file: {exc}") from exc
+    if "key" not in names:
+        raise ValueError(f"{uri}: parquet has no 'key' column to join img2dataset tars on")
+
+
+def _load_parquet(uri: str, s3: S3Options) -> dict[str, dict]:
+    try:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(uri, s3)))
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # data pages broken behind a readable footer
+        raise ValueError(f"{uri}: not a readable parquet file: {exc}") from exc
     if "key" not in table.column_names:
         raise ValueError(f"{uri}: parquet has no 'key' column to join img2dataset tars on")
     rows = table.to_pylist()
     return {str(r["key"]): r for r in rows}
 
 
-def read_unit(tar_uri: str, parquet_uri: str | None, start: int, end: int) -> Iterator[RawRecord]:
+def _member_error(key: str, members: dict, meta: dict) -> tuple[str, str] | None:
+    if TOO_LARGE in members:
+        too_large = ", ".join(members[TOO_LARGE])
+        return "file_too_large", f"tar sample {key!r}: {too_large} over the limit"
+    bad = lone_surrogate(meta)
+    if bad is not None:
+        return "bad_text", f"tar sample {key!r}: lone UTF-16 surrogate in metadata {bad}"
+    return None
+
+
+def read_unit(tar_uri: str, parquet_uri: str | None, start: int, end: int,
+              s3: S3Options = S3Options(),
+              max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Iterator[RawRecord]:
     """The records of bytes ``[start, end)`` of one tar, joined with its parquet row."""
-    table = _load_parquet(parquet_uri) if parquet_uri else None
-    with storage.open_read(tar_uri, start, end) as f:
-        for key, members, _, _ in _iter_samples(f):
+    table = _load_parquet(parquet_uri, s3) if parquet_uri else None
+    with storage.open_read(tar_uri, s3, start, end) as f:
+        for key, members, _, _ in _iter_samples(f, max_bytes):
             meta = _tar_meta(members)
             sid = _source_id(key, meta)
             rec = RawRecord(key=make_key("laion", sid), source_id=sid)
+            rec.error = _member_error(printable(key), members, meta)
+            if rec.error is not None:
+                yield rec
+                continue
             if table is not None:
                 row = table.get(sid)
                 if row is None:
@@ -145,10 +213,65 @@ def read_unit(tar_uri: str, parquet_uri: str | None, start: int, end: int) -> It
             caption = _caption(members, meta)
             image = _image(members)
             if image is None:
-                rec.error = ("image_missing", f"tar sample {key!r} has no image member")
+                rec.error = ("image_missing", f"tar sample {printable(key)!r} has no image member")
             elif caption is None:
-                rec.error = ("missing_caption", f"tar sample {key!r} has no caption")
+                rec.error = ("missing_caption", f"tar sample {printable(key)!r} has no caption")
+            elif lone_surrogate(caption) is not None:
+                rec.error = ("bad_text", f"tar sample {printable(key)!r}: lone UTF-16 surrogate "
+                                         "in the caption")
             else:
                 rec.images = [image]
                 rec.turns = [Turn("human", IMAGE_TAG), Turn("gpt", caption)]
             yield rec
+
+
+class LaionSource:
+    """img2dataset output: units are byte ranges of a tar, digests come with the scan."""
+
+    name = "laion"
+    aliases: tuple[str, ...] = ()
+    help = "img2dataset tars (+ parquet metadata joined by key)"
+    needs_image_root = False
+
+    def input_files(self, files: list[str]) -> list[tuple[str, dict]]:
+        """Tars paired with their parquets; local parquets' footers and schemas are read here,
+        so a broken one stops the job before anything is planned, naming the file (S3 ones,
+        which need the job's S3 options, in the scan of their tar)."""
+        pairs = pair_inputs(files)
+        local = [p for _, p in pairs if p is not None and not storage.is_s3(p)]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(check_parquet, local))
+        return [(tar, {"parquet": parquet}) for tar, parquet in pairs]
+
+    def scan(self, uri: str, cfg: PreprocessConfig, scratch: str) -> Scan:
+        if not storage.exists(uri, cfg.s3):
+            raise FileNotFoundError(f"input {uri} does not exist")
+        parquet = os.path.splitext(uri)[0] + ".parquet"  # pair_inputs' pairing, without listing
+        if any(storage.s3_pattern_names(p, parquet) for p in cfg.inputs):
+            check_parquet(parquet, cfg.s3)
+        records = scan(uri, cfg.s3, cfg.max_image_bytes)
+        sps = cfg.samples_per_shard
+        units = [{"start": chunk[0]["start"], "end": chunk[-1]["end"], "num_records": len(chunk)}
+                 for chunk in (records[c:c + sps] for c in range(0, len(records), sps))]
+        return Scan(keys=[r["key"] for r in records], digests=[r["digest"] for r in records],
+                    units=units)
+
+    def digests(self, unit: dict, cfg: PreprocessConfig) -> list[str | None]:
+        with storage.open_read(unit["file"], cfg.s3, unit["start"], unit["end"]) as f:
+            return [_digest(members, _tar_meta(members))
+                    for _, members, _, _ in _iter_samples(f, cfg.max_image_bytes)]
+
+    def read_unit(self, unit: dict, cfg: PreprocessConfig) -> Iterator[RawRecord]:
+        return read_unit(unit["file"], unit["parquet"], unit["start"], unit["end"], cfg.s3,
+                         cfg.max_image_bytes)
+
+    def reject(self, rec: RawRecord, cfg: PreprocessConfig) -> tuple[str, str] | None:
+        """Caption length limits (``--min-caption-chars`` / ``--max-caption-chars``)."""
+        if not rec.turns:
+            return None
+        n = len(rec.turns[-1].text.strip())
+        if n < cfg.min_caption_chars:
+            return "caption_too_short", f"{n} chars < {cfg.min_caption_chars}"
+        if cfg.max_caption_chars is not None and n > cfg.max_caption_chars:
+            return "caption_too_long", f"{n} chars > {cfg.max_caption_chars}"
+        return None

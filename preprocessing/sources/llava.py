@@ -10,28 +10,65 @@ image). With several images the tags stay where they are and their count must ma
 
 The scan streams a JSON file once and splits its records into unit files (JSON lines) under the
 job's state folder, so each worker reads only its unit instead of re-parsing a 1 GB array.
+
+Hostile records are rejects, never crashes: an ``image`` path must stay inside ``--image-root``
+(no absolute path, no ``..``, no symlink leading out, no NUL, no over-long name) and name a
+regular file of at most ``max_image_bytes`` (a FIFO or ``/dev/zero`` is never read); text with
+a lone UTF-16 surrogate is "bad_text"; an entry nested too deeply for Python's JSON parser is
+skipped by its brackets and rejected as "bad_json". What cannot be split into records at all
+(invalid JSON syntax, no top-level array) stops the scan with an error naming the file.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
-from typing import Iterator
+import os
+import posixpath
+from typing import TYPE_CHECKING, Iterator
 
-from preprocessing import storage
-from preprocessing.sources import RawRecord, content_digest, make_key
+from preprocessing.sources.base import (DEFAULT_MAX_IMAGE_BYTES, RawRecord, Scan, content_digest,
+                                        lone_surrogate, make_key, printable)
 from preprocessing.templates import IMAGE_TAG, Turn
+from vwlmm_data import storage
+from vwlmm_data.storage import S3Options
+
+if TYPE_CHECKING:
+    from preprocessing.config import PreprocessConfig
 
 ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
+# A unit-file line standing for an entry the scan could not parse (its detail as the value);
+# no LLaVA record has this field, and one that had would be a reject all the same.
+UNREADABLE = "__vwlmm_unreadable__"
+_MAX_NAME_BYTES, _MAX_PATH_BYTES = 255, 4096  # POSIX NAME_MAX / PATH_MAX
+
+
+class Unreadable:
+    """An array element ``iter_json_array`` skipped (nested deeper than the parser's limit)."""
+
+    def __init__(self, detail: str):
+        self.detail = detail
+
+
+def _positional(index: int, origin: str, error: tuple[str, str]) -> RawRecord:
+    """A record known only by its position (its entry has no usable id)."""
+    return RawRecord(make_key("llava", f"{origin}-{index}"), printable(f"{origin}#{index}"),
+                     error=error)
 
 
 def _parse_entry(entry, index: int, origin: str) -> tuple[RawRecord, list[str]]:
     """Validate one JSON entry; returns the record (without image bytes) and its image paths."""
+    if isinstance(entry, dict) and UNREADABLE in entry:
+        return _positional(index, origin, ("bad_json", f"entry {index}: {entry[UNREADABLE]}")), []
     if not isinstance(entry, dict):
-        return RawRecord(make_key("llava", f"{origin}-{index}"), f"{origin}#{index}",
-                         error=("bad_record", f"entry {index} is {type(entry).__name__}, not an object")), []
-    sid = str(entry.get("id", f"{origin}#{index}"))
+        return _positional(index, origin, (
+            "bad_record", f"entry {index} is {type(entry).__name__}, not an object")), []
+    sid = printable(str(entry.get("id", f"{origin}#{index}")))
     rec = RawRecord(make_key("llava", sid), sid)
+    bad = lone_surrogate(entry)
+    if bad is not None:
+        rec.error = ("bad_text", f"lone UTF-16 surrogate in {bad}")
+        return rec, []
     conv = entry.get("conversations")
     if "id" not in entry:
         rec.error = ("bad_record", f"entry {index} has no 'id'")
@@ -85,15 +122,53 @@ def _place_image_tags(rec: RawRecord, num_images: int) -> None:
     rec.turns = turns
 
 
-def _load_images(rec: RawRecord, paths: list[str], image_root: str) -> None:
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def image_uri(image_root: str, path: str) -> tuple[str | None, tuple[str, str] | None]:
+    """(the file ``path`` names under ``image_root``, None) or (None, (reason, detail)).
+
+    Lexical checks first (both local and S3), then, locally, the resolved path must stay
+    below the resolved root: a symlink inside the root that leads out of it is refused.
+    """
+    shown = printable(path)[:200]
+    if "\0" in path:
+        return None, ("image_path_invalid", f"{shown!r} contains a NUL character")
+    if _utf8_len(path) > _MAX_PATH_BYTES or \
+            any(_utf8_len(part) > _MAX_NAME_BYTES for part in path.split("/")):
+        return None, ("image_path_invalid", f"{shown!r}: name too long")
+    norm = posixpath.normpath(path)
+    if os.path.isabs(path) or "://" in path or norm == ".." or norm.startswith("../"):
+        return None, ("image_path_outside_root", f"{shown!r} is not inside --image-root")
+    uri = storage.join(image_root, norm)
+    if not storage.is_s3(image_root):
+        root = os.path.realpath(image_root)
+        if not os.path.realpath(uri).startswith(root.rstrip(os.sep) + os.sep):
+            return None, ("image_path_outside_root",
+                          f"{shown!r} leads outside --image-root (symlink)")
+    return uri, None
+
+
+def _load_images(rec: RawRecord, paths: list[str], image_root: str, s3: S3Options,
+                 max_bytes: int) -> None:
     for p in paths:
-        uri = storage.join(image_root, p)
-        try:
-            rec.images.append(storage.read_bytes(uri))
-        except (FileNotFoundError, IsADirectoryError):
-            rec.error = ("image_missing", f"{uri} does not exist")
-            rec.images = []
-            return
+        uri, error = image_uri(image_root, p)
+        if error is None:
+            try:
+                rec.images.append(storage.read_limited(uri, max_bytes, s3))
+                continue
+            except FileNotFoundError:
+                error = ("image_missing", f"{uri} does not exist")
+            except storage.FileTooLarge as exc:
+                error = ("file_too_large", str(exc))
+            except storage.NotRegularFile as exc:
+                error = ("image_not_a_file", str(exc))
+            except OSError as exc:  # a folder, a file used as a folder, permissions, ...
+                error = ("image_unreadable", f"{uri}: {exc.strerror or exc}")
+        rec.error = error
+        rec.images = []
+        return
 
 
 def iter_json_array(stream, origin: str, chunk_bytes: int = 1 << 22) -> Iterator:
@@ -143,13 +218,69 @@ def iter_json_array(stream, origin: str, chunk_bytes: int = 1 << 22) -> Iterator
             except json.JSONDecodeError as exc:
                 if eof:
                     raise ValueError(f"{origin}: not valid JSON: {exc}") from exc
+            except RecursionError:
+                end = _bracketed_end(buf, pos)
+                if end is not None:
+                    obj = Unreadable("nested too deeply to parse")
+                    break
+                if eof:
+                    raise ValueError(f"{origin}: JSON ends inside a record") from None
             if not more():
                 raise ValueError(f"{origin}: JSON ends inside a record")
         pos = end
         yield obj
 
 
-def split(json_uri: str, records_prefix: str, chunk: int) -> list[dict]:
+def _bracketed_end(buf: str, pos: int) -> int | None:
+    """End of the ``[...]`` / ``{...}`` value at ``buf[pos]`` by bracket matching (strings
+    skipped), for values too deep to decode; None when ``buf`` ends first."""
+    depth, i, in_string = 0, pos, False
+    while i < len(buf):
+        c = buf[i]
+        if in_string:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return None
+
+
+def _unit_line(entry, index: int, origin: str) -> tuple[str, RawRecord]:
+    """One entry as its unit-file line (valid UTF-8 JSON) and its parsed record."""
+    try:
+        if isinstance(entry, Unreadable):
+            raise RecursionError(entry.detail)
+        rec, _ = _parse_entry(entry, index, origin)
+        line = json.dumps(entry, ensure_ascii=False, sort_keys=True)
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: the \\u escape keeps them (a reject)
+            line = json.dumps(entry, sort_keys=True)
+    except RecursionError:
+        detail = entry.detail if isinstance(entry, Unreadable) else "nested too deeply to parse"
+        line = json.dumps({UNREADABLE: detail})
+        rec, _ = _parse_entry({UNREADABLE: detail}, index, origin)
+    return line, rec
+
+
+def _unit_lines(data: bytes) -> list[str]:
+    """The lines of a unit file: split at \\n only (JSON text may hold U+2028 and friends,
+    which ``str.splitlines`` would also split at)."""
+    text = data.decode("utf-8")
+    return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n") if text else []
+
+
+def split(json_uri: str, records_prefix: str, chunk: int,
+          s3: S3Options = S3Options()) -> list[dict]:
     """Stream a JSON array into unit files of ``chunk`` records (JSON lines); per record its key.
 
     Dedup digests need the images, so they are computed per unit, in parallel (``digests``).
@@ -160,13 +291,13 @@ def split(json_uri: str, records_prefix: str, chunk: int) -> list[dict]:
 
     def flush() -> None:
         storage.write_bytes(f"{records_prefix}-{(len(out) - 1) // chunk:06d}.jsonl",
-                            "".join(part).encode())
+                            "".join(part).encode(), s3)
         part.clear()
 
-    with storage.open_read(json_uri) as f:
+    with storage.open_read(json_uri, s3) as f:
         for i, entry in enumerate(iter_json_array(f, json_uri)):
-            rec, _ = _parse_entry(entry, i, origin)
-            part.append(json.dumps(entry, ensure_ascii=False, sort_keys=True) + "\n")
+            line, rec = _unit_line(entry, i, origin)
+            part.append(line + "\n")
             out.append({"key": rec.key, "digest": None})
             if len(part) == chunk:
                 flush()
@@ -175,18 +306,62 @@ def split(json_uri: str, records_prefix: str, chunk: int) -> list[dict]:
     return out
 
 
-def digests(records_uri: str, first_index: int, image_root: str, origin: str) -> list[str | None]:
+def digests(records_uri: str, first_index: int, image_root: str, origin: str,
+            s3: S3Options = S3Options(),
+            max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> list[str | None]:
     """Dedup digest (image bytes + conversation) of each record of one unit file."""
     out = []
-    for rec in read_unit(records_uri, first_index, image_root, origin):
+    for rec in read_unit(records_uri, first_index, image_root, origin, s3, max_bytes):
         text = json.dumps([[t.role, t.text] for t in rec.turns])
         out.append(content_digest(rec.images, text) if rec.error is None else None)
     return out
 
 
-def read_unit(records_uri: str, first_index: int, image_root: str, origin: str) -> Iterator[RawRecord]:
-    for i, line in enumerate(storage.read_bytes(records_uri).decode().splitlines()):
-        rec, paths = _parse_entry(json.loads(line), first_index + i, origin)
+def read_unit(records_uri: str, first_index: int, image_root: str, origin: str,
+              s3: S3Options = S3Options(),
+              max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Iterator[RawRecord]:
+    for i, line in enumerate(_unit_lines(storage.read_bytes(records_uri, s3))):
+        try:
+            rec, paths = _parse_entry(json.loads(line), first_index + i, origin)
+        except RecursionError:  # parsed at the scan's stack depth, not at this one
+            rec, paths = _parse_entry({UNREADABLE: "nested too deeply to parse"},
+                                      first_index + i, origin)
         if rec.error is None:
-            _load_images(rec, paths, image_root)
+            _load_images(rec, paths, image_root, s3, max_bytes)
         yield rec
+
+
+class LlavaSource:
+    """Conversation JSON arrays: units are unit files the scan splits each array into under the
+    job's state folder; digests need the images, so they are computed per unit."""
+
+    name = "llava"
+    aliases: tuple[str, ...] = ("sharegpt4v",)
+    help = "LLaVA / ShareGPT4V conversation JSON + --image-root"
+    needs_image_root = True
+
+    def input_files(self, files: list[str]) -> list[tuple[str, dict]]:
+        return [(f, {}) for f in files]
+
+    def scan(self, uri: str, cfg: PreprocessConfig, scratch: str) -> Scan:
+        sps = cfg.samples_per_shard
+        records = split(uri, scratch, sps, cfg.s3)
+        origin = uri.rsplit("/", 1)[-1]
+        units = [{"chunk": c // sps, "first_index": c, "origin": origin,
+                  "num_records": min(sps, len(records) - c)} for c in range(0, len(records), sps)]
+        return Scan(keys=[r["key"] for r in records], digests=None, units=units)
+
+    @staticmethod
+    def _unit_file(unit: dict) -> str:
+        return f"{unit['scratch']}-{unit['chunk']:06d}.jsonl"
+
+    def digests(self, unit: dict, cfg: PreprocessConfig) -> list[str | None]:
+        return digests(self._unit_file(unit), unit["first_index"], cfg.image_root, unit["origin"],
+                       cfg.s3, cfg.max_image_bytes)
+
+    def read_unit(self, unit: dict, cfg: PreprocessConfig) -> Iterator[RawRecord]:
+        return read_unit(self._unit_file(unit), unit["first_index"], cfg.image_root,
+                         unit["origin"], cfg.s3, cfg.max_image_bytes)
+
+    def reject(self, rec: RawRecord, cfg: PreprocessConfig) -> tuple[str, str] | None:
+        return None

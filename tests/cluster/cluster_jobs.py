@@ -1,25 +1,21 @@
-"""What the cluster tests need besides the local Slurm: module checks, job output, run state."""
+"""What the cluster tests need besides the local Slurm: job arguments, inputs, output and run
+state."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List
 
-import pytest
+import psutil
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_SBATCH = REPO / "cluster/slurm/train.sbatch"
 RAY_SBATCH = REPO / "cluster/slurm/ray_preprocess.sbatch"
-
-
-def require_module(name: str, what: str) -> None:
-    """Skip (with the reason) until another part of the project has landed."""
-    if importlib.util.find_spec(name) is None:
-        pytest.skip(f"{what}: module `{name}` is not in the tree yet")
+TINY_CPU = REPO / "configs/tiny-cpu.yaml"
 
 
 def job_env(**extra: str) -> Dict[str, str]:
@@ -34,6 +30,88 @@ def job_env(**extra: str) -> Dict[str, str]:
         env.pop(key, None)
     env.update(extra)
     return env
+
+
+def processes_mentioning(path: str) -> List[int]:
+    """PIDs of the processes with ``path`` in their command line (e.g. a job's Ray temp dir)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(path in arg for arg in proc.info["cmdline"] or []):
+            found.append(proc.pid)
+    return found
+
+
+def write_train_dataset(root: Path) -> Path:
+    """A small Arrow dataset written per the data contract (pipeline/data/synthetic.py)."""
+    from pipeline.data.synthetic import make_samples, write_dataset
+
+    return Path(write_dataset(str(root), make_samples(64), 16, formats=("arrow",)))
+
+
+def train_args(data: Path, run_dir: Path, *sets: str, iters: int) -> List[str]:
+    """``train.sbatch tiny-cpu.yaml --set ...``: ``iters`` steps, no validation, no TensorBoard."""
+    assert TINY_CPU.is_file(), f"the cluster tests train the {TINY_CPU} preset: it is missing"
+    base = ["logging.tensorboard=false", "train.eval_interval=0", "data.valid_fraction=0",
+            "data.num_workers=1", f"train.train_iters={iters}", f"data.path={data}",
+            f"run_dir={run_dir}", *sets]
+    return [str(TRAIN_SBATCH), str(TINY_CPU)] + [a for s in base for a in ("--set", s)]
+
+
+@dataclass
+class PreprocessInputs:
+    """vwlmm-preprocess arguments (all but --output) over the LAION-style fixtures
+    (preprocessing/fixtures.py), one unit (and shard) per sample, so that a job has units to
+    spread over nodes; ``expected_ok``: the samples that pass the filters."""
+
+    args: List[str]
+    expected_ok: int
+
+
+def write_preprocess_inputs(root: Path) -> PreprocessInputs:
+    from preprocessing.fixtures import FIXTURE_FILTERS, write_demo_dataset
+    from preprocessing.tokenizer import build_mistral_hf_tokenizer
+
+    demo = write_demo_dataset(root / "raw", variants=False, max_side=64)
+    tokenizer = build_mistral_hf_tokenizer(root / "tokenizer")
+    filters = [a for k, v in FIXTURE_FILTERS.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    args = ["--source", "laion", "--input", *demo.laion_inputs, "--tokenizer", str(tokenizer),
+            "--template", "plain", "--format", "both", "--image-size", "56",
+            "--max-seq-len", "256", "--samples-per-shard", "1", "--no-progress", *filters]
+    return PreprocessInputs(args, sum(v == "ok" for v in demo.laion_expected.values()))
+
+
+@dataclass
+class PreprocessRun:
+    """A finished ray_preprocess.sbatch job: its submit directory, id and exit code."""
+
+    work: Path
+    job: str
+    returncode: int
+
+    @property
+    def dataset(self) -> Path:
+        return self.work / "dataset"
+
+    @property
+    def out(self) -> str:
+        return read(self.work / "job.out")
+
+
+def submit_preprocess(slurm, work: Path, nodes: int, inputs: PreprocessInputs, *,
+                      env: Dict[str, str]) -> str:
+    """``ray_preprocess.sbatch`` on ``nodes`` nodes (2 CPUs each), submitted from ``work`` with
+    the relative ``--output dataset`` (it must land in the submit directory), output in
+    ``work/job.out``; returns the job id."""
+    res = slurm.sbatch([f"--nodes={nodes}", "--cpus-per-task=2", f"--output={work}/job.out",
+                        str(RAY_SBATCH), *inputs.args, "--output", "dataset"],
+                       wait=False, env=env, cwd=work)
+    assert res.returncode == 0, res.stderr
+    return job_id(res)
+
+
+def job_id(res) -> str:
+    """The job id ``sbatch --parsable`` printed."""
+    return res.stdout.strip().split(";")[0]
 
 
 def read(path: Path) -> str:

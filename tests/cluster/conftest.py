@@ -1,4 +1,6 @@
-"""Session fixtures for the cluster tests: one real local Slurm shared by every test here."""
+"""Session fixtures for the cluster tests: one real single-node Slurm shared by the quick tests,
+one two-node Slurm in network namespaces for the multi-node ones, and a one-node preprocessing
+job that tests on both check."""
 
 from __future__ import annotations
 
@@ -8,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster.cluster_jobs import (PreprocessInputs, PreprocessRun, job_env,
+                                       submit_preprocess, write_preprocess_inputs)
 from tests.cluster.slurm_harness import LocalSlurm, SlurmUnavailable, missing_prerequisites
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +39,38 @@ def slurm():
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def slurm_lan():
+    """A running Slurm with a controller and nodes node1, node2, each in its own network
+    namespace on a private bridge (tests/cluster/netns.py); torn down (daemons by PID,
+    namespaces, bridge) after the session."""
+    why = missing_prerequisites(multi_node=True)
+    if why:
+        pytest.skip(why)
+    root = Path(tempfile.mkdtemp(prefix="vwlmm-slurm-lan-"))
+    try:
+        cluster = LocalSlurm.start_on_lan(root, num_nodes=2)
+    except SlurmUnavailable as exc:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.fail(f"two-node Slurm did not start: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def preprocess_inputs(tmp_path_factory) -> PreprocessInputs:
+    return write_preprocess_inputs(tmp_path_factory.mktemp("preprocess-inputs"))
+
+
+@pytest.fixture(scope="session")
+def one_node_preprocess(slurm, preprocess_inputs, tmp_path_factory) -> PreprocessRun:
+    """ray_preprocess.sbatch with the real entrypoint on the single-node Slurm: checked by
+    test_ray_preprocess_sbatch.py, and the bytes the multi-node run must reproduce."""
+    work = tmp_path_factory.mktemp("one-node-preprocess")
+    job = submit_preprocess(slurm, work, 1, preprocess_inputs, env=job_env())
+    return PreprocessRun(work, job, slurm.wait_job(job, timeout=400))

@@ -6,46 +6,26 @@ rendezvous) and srun (one task per process). The tiny-cpu preset, shortened with
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.cluster.cluster_jobs import (TRAIN_SBATCH, job_env, latest_checkpoint, read, require_module,
-                  train_iterations)
+from tests.cluster.cluster_jobs import (job_env, latest_checkpoint, read, train_args,
+                                       train_iterations, write_train_dataset)
 
 ITERS = 6
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    """A small Arrow dataset written per the data contract (pipeline/data/synthetic.py)."""
-    require_module("pipeline.train", "the training driver (issue 4)")
-    from pipeline.data.synthetic import make_samples, write_dataset
-
-    root = tmp_path_factory.mktemp("train-data")
-    return Path(write_dataset(str(root), make_samples(64), 16, formats=("arrow",)))
-
-
-def train_args(config: Path, data: Path, run_dir: Path, *sets: str):
-    base = ["logging.tensorboard=false", "train.eval_interval=0", "data.valid_fraction=0",
-            "data.num_workers=1", f"train.train_iters={ITERS}", f"data.path={data}",
-            f"run_dir={run_dir}", *sets]
-    return [str(TRAIN_SBATCH), str(config)] + [a for s in base for a in ("--set", s)]
-
-
-def tiny_cpu() -> Path:
-    path = Path(TRAIN_SBATCH).parents[2] / "configs/tiny-cpu.yaml"
-    if not path.exists():
-        pytest.skip("the tiny-cpu preset (configs/tiny-cpu.yaml, issue 4) is not in the tree yet")
-    return path
+    return write_train_dataset(tmp_path_factory.mktemp("train-data"))
 
 
 def test_preempted_run_checkpoints_and_next_submission_resumes(slurm, dataset, tmp_path):
     """TERM mid-run -> checkpoint; resubmitting the same command resumes and finishes."""
     run_dir = tmp_path / "run"
-    args = train_args(tiny_cpu(), dataset, run_dir, "checkpoint.save_interval=0")
+    args = train_args(dataset, run_dir, "checkpoint.save_interval=0", iters=ITERS)
 
     # 1) srun launcher (2 Slurm tasks), preempted. Under the torchrun launcher the agent also
     # gets the TERM and can take down the rendezvous store while the ranks still write their
@@ -61,7 +41,7 @@ def test_preempted_run_checkpoints_and_next_submission_resumes(slurm, dataset, t
         time.sleep(0.5)
     assert train_iterations(run_dir), "no training step within 240 s:\n" + read(
         tmp_path / "first.out")
-    subprocess.run(["scancel", "--signal=TERM", job], env=slurm.env, check=True)
+    assert slurm.run_client(["scancel", "--signal=TERM", job]).returncode == 0
     slurm.wait_job_state(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=180)
     out = read(tmp_path / "first.out")
     done_first = train_iterations(run_dir)
@@ -85,11 +65,11 @@ def test_preempted_run_checkpoints_and_next_submission_resumes(slurm, dataset, t
 
 
 def test_failing_training_fails_the_job(slurm, dataset, tmp_path):
-    """A trainer error (TP=3 does not divide the tiny model) makes sbatch --wait non-zero."""
-    args = train_args(tiny_cpu(), dataset, tmp_path / "run", "parallel.tp=3")
+    """A trainer error (TP=3 does not divide the 2 processes) fails the job, with the error."""
+    args = train_args(dataset, tmp_path / "run", "parallel.tp=3", iters=ITERS)
     res = slurm.sbatch(["--cpus-per-task=2", f"--output={tmp_path}/job.out", *args],
                        env=job_env(VWLMM_NPROC_PER_NODE="2"), cwd=tmp_path, timeout=300)
     out = read(tmp_path / "job.out")
     assert res.returncode != 0, out
-    assert "parallel.tp" in out and "training failed" in out, out
+    assert "config error: parallel.tp=3" in out and "training failed" in out, out
     assert not latest_checkpoint(tmp_path / "run")

@@ -1,4 +1,4 @@
-"""Config system: presets, --set overrides, and one clear message per error class of issue 4."""
+"""Config system: presets, --set overrides, and one clear message per class of config error."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.train import build_model_config
 from pipeline.validate import check_fp8_available, check_layout, check_manifest, check_model
 from pipeline.data.synthetic import make_samples, write_dataset
+from vwlmm_data.contract import Manifest
 
 REPO = Path(__file__).resolve().parents[2]
 PRESETS = ["tiny-cpu", "stage1-vicuna-7b", "stage1-mistral-7b", "stage2-vicuna-7b",
@@ -35,7 +36,7 @@ def test_presets_load_and_build_a_valid_model_config(name):
 
 def test_set_overrides_are_typed_and_reach_the_model():
     cfg = load_config(str(REPO / "configs/tiny-cpu.yaml"),
-                      ["optim.lr=2e-4", "optim.min_lr=0", "parallel.tp=1", "model.overrides.decoder.num_layers=2",
+                      ["optim.lr=2e-4", "optim.min_lr=0", "parallel.tp=1", "model.decoder.num_layers=2",
                        "precision.fp8=null", "data.valid_fraction=0"])
     assert cfg.optim.lr == 2e-4 and isinstance(cfg.optim.lr, float)
     assert cfg.parallel.tp == 1
@@ -44,7 +45,7 @@ def test_set_overrides_are_typed_and_reach_the_model():
 
 @pytest.mark.parametrize("override, message", [
     ("optim.lrr=1", "optim.lrr: unknown key"),
-    ("parallel.tp=two", "parallel.tp='two': expected a number"),
+    ("parallel.tp=two", "parallel.tp='two': expected an integer"),
     ("parallel.tp=0", "parallel.tp=0: must be >= 1"),
     ("optim.decay_style=step", "optim.decay_style='step': must be one of"),
     ("parallel.vpp=2", "parallel.vpp=2: interleaved pipelining needs"),
@@ -68,7 +69,7 @@ def test_tp_not_dividing_heads():
 
 
 def test_tp_not_dividing_vocab():
-    cfg, m = _tiny("parallel.tp=2", "model.overrides.decoder.vocab_size=32001")
+    cfg, m = _tiny("parallel.tp=2", "model.decoder.vocab_size=32001")
     with pytest.raises(ConfigError, match="vocab_size: vocab 32001 is not divisible by "
                                           "tensor_parallel=2"):
         check_model(m, cfg)
@@ -98,7 +99,7 @@ def test_packing_counts_samples_per_step_and_needs_packed_attention():
         check_layout(cfg, world_size=4)
     check_model(m, cfg)
     cfg, m = _tiny("parallel.tp=1", "data.packing=true",
-                   "model.overrides.attention_backend=unfused")
+                   "model.attention_backend=unfused")
     with pytest.raises(ConfigError, match="data.packing=true: needs attention that keeps packed "
                                           "samples apart"):
         check_model(m, cfg)
@@ -132,8 +133,8 @@ def test_manifest_disagreeing_with_config(manifest, sets, mutate, message):
     data = copy.deepcopy(manifest)
     data.update(mutate or {})
     with pytest.raises(ConfigError, match=message):
-        check_manifest(data, m, cfg)
-    check_manifest(manifest, m, load_config(str(REPO / "configs/tiny-cpu.yaml"),
+        check_manifest(Manifest.from_dict(data), m, cfg)
+    check_manifest(Manifest.from_dict(manifest), m, load_config(str(REPO / "configs/tiny-cpu.yaml"),
                                             ["data.tokenizer=mistral-7b", "data.template=plain"]))
 
 
@@ -147,7 +148,8 @@ def test_cli_reports_config_errors_and_documents_every_key(tmp_path):
     assert "config error: model" in bad.stderr and "tensor_parallel=3" in bad.stderr
     help_text = subprocess.run(env_cmd[:3] + ["--help"], cwd=REPO, capture_output=True,
                                text=True, timeout=120).stdout
-    for key in ("optim.adapter_lr", "checkpoint.keep_last", "parallel.vpp", "data.format"):
+    for key in ("optim.adapter_lr", "checkpoint.keep_last", "parallel.vpp", "data.format",
+                "model.decoder.num_layers", "model.vision.image_size", "model.lambda_vm"):
         assert key in help_text
 
 

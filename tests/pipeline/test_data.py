@@ -13,11 +13,15 @@ import torch
 from PIL import Image
 
 from pipeline.config import ConfigError
-from pipeline.data.decode import CLIP_MEAN, CLIP_STD, BadSampleError, decode_sample
+from pipeline.data.decode import BadSampleError, decode_sample
 from pipeline.data.loader import LoaderSpec, RankData
-from pipeline.data.manifest import load_manifest, select_shards
 from pipeline.data.order import is_validation_key
 from pipeline.data.synthetic import make_samples, write_dataset
+from pipeline.validate import load_manifest, select_shards
+from vwlmm_data.contract import VisionInfo
+from vwlmm_data.storage import S3Options
+
+CLIP = VisionInfo.of("clip")
 
 N = 30
 
@@ -36,11 +40,11 @@ def first_image(samples, spec):
 
 def spec_for(root: Path, fmt: str, dp_size=1, dp_rank=0, workers=0, valid=0.0, mbs=2, gbs=4,
              seed=5) -> LoaderSpec:
-    manifest = load_manifest(str(root))
+    manifest = load_manifest(str(root), S3Options())
     return LoaderSpec(shards=tuple(select_shards(manifest, str(root), fmt)), format=fmt,
                       micro_batch_size=mbs, global_batch_size=gbs, dp_size=dp_size,
                       dp_rank=dp_rank, seed=seed, seq_length=64, num_patches=16, image_size=32,
-                      pad_token_id=0, valid_fraction=valid, num_workers=workers,
+                      pad_token_id=0, vision=manifest.vision, valid_fraction=valid, num_workers=workers,
                       collate_fn=first_image)
 
 
@@ -102,8 +106,8 @@ def test_images_are_decoded_and_clip_normalised(dataset):
     assert batch.shape == (2, 3, 32, 32) and batch.dtype == torch.float32
     raw = next(s for s in make_samples(N, seed=1) if s["key"] == ks[0])
     pixels = np.asarray(Image.open(io.BytesIO(raw["images"][0])).convert("RGB"), np.float32) / 255
-    ref = (torch.from_numpy(pixels).permute(2, 0, 1) - torch.tensor(CLIP_MEAN)[:, None, None]) \
-        / torch.tensor(CLIP_STD)[:, None, None]
+    mean, std = torch.tensor(CLIP.image_mean), torch.tensor(CLIP.image_std)
+    ref = (torch.from_numpy(pixels).permute(2, 0, 1) - mean[:, None, None]) / std[:, None, None]
     torch.testing.assert_close(batch[0], ref)
 
 
@@ -120,26 +124,26 @@ def test_bad_samples_are_named(dataset):
     broken = dict(sample, images=[b"not a jpeg"])
     with pytest.raises(BadSampleError, match=r"sample 'test-00000' in shard-x.arrow row 3, "
                                              r"image 0: image is not a decodable JPEG"):
-        decode_sample(broken, 32, "shard-x.arrow row 3")
+        decode_sample(broken, 32, "shard-x.arrow row 3", CLIP)
     missing = dict(sample, images=[])
     with pytest.raises(BadSampleError, match="1 image placeholders, 0 images"):
-        decode_sample(missing, 32, "x")
+        decode_sample(missing, 32, "x", CLIP)
     wrong_size = dict(sample)
     buf = io.BytesIO()
     Image.new("RGB", (48, 48)).save(buf, format="JPEG")
     wrong_size["images"] = [buf.getvalue()]
     with pytest.raises(BadSampleError, match="image is 48x48, expected 32x32"):
-        decode_sample(wrong_size, 32, "x")
+        decode_sample(wrong_size, 32, "x", CLIP)
 
 
 def test_manifest_problems_are_reported(tmp_path, dataset):
     with pytest.raises(ConfigError, match="no manifest.json there"):
-        load_manifest(str(tmp_path))
+        load_manifest(str(tmp_path), S3Options())
     bad = json.loads((dataset / "manifest.json").read_text())
     bad["format_version"] = 2
     (tmp_path / "manifest.json").write_text(json.dumps(bad))
     with pytest.raises(ConfigError, match="format_version 2 is not supported"):
-        load_manifest(str(tmp_path))
+        load_manifest(str(tmp_path), S3Options())
     lying = json.loads((dataset / "manifest.json").read_text())
     for s in lying["shards"]:
         s["path"] = str(dataset / s["path"])

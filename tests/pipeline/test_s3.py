@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from pipeline.data.loader import LoaderSpec, RankData
-from pipeline.data.manifest import load_manifest, select_shards
-from pipeline.data.storage import S3Options
 from pipeline.data.synthetic import make_samples, write_dataset
+from pipeline.validate import load_manifest, select_shards
 from tests.pipeline.test_data import first_image, keys
+from vwlmm_data.storage import S3Options
 
 
 @pytest.mark.parametrize("fmt", ["webdataset", "arrow"])
@@ -31,7 +31,7 @@ def test_s3_reads_equal_local_reads(seaweed, tmp_path, monkeypatch, fmt):
         spec = LoaderSpec(shards=tuple(select_shards(manifest, root_url, fmt)), format=fmt,
                           micro_batch_size=2, global_batch_size=4, dp_size=1, dp_rank=0, seed=3,
                           seq_length=64, num_patches=16, image_size=32, pad_token_id=0,
-                          num_workers=1, s3=opts, collate_fn=first_image)
+                          vision=manifest.vision, num_workers=1, s3=opts, collate_fn=first_image)
         return keys(RankData(spec).train_iterator(4), 8)  # resumed mid-epoch, into epoch 2
 
     assert read(root, s3) == read(str(local), S3Options())

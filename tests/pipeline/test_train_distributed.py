@@ -1,4 +1,5 @@
-"""The issue's "Must show" list, on the real trainer under torchrun (gloo, CPU).
+"""The trainer's guarantees (exact resume, crash-safe saves, signals, resharding, disjoint
+DP samples, learning), on the real trainer under torchrun (gloo, CPU).
 
 Every test launches `python -m torch.distributed.run ... -m pipeline.train` (or the bare module,
 as srun would) on a tiny model and checks what the run wrote: metrics.jsonl, checkpoints,

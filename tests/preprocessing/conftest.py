@@ -1,5 +1,9 @@
 """Shared fixtures: the converted Mistral tokenizer, the fixture dataset, one real Ray head and
-one SeaweedFS S3 store per session (both on 127.0.0.1, free ports, stopped by PID)."""
+one SeaweedFS S3 store per session (both on 127.0.0.1, free ports, stopped by PID).
+
+S3 credentials reach Ray workers as they would on a real cluster: through the standard AWS chain
+of the worker's own environment (here a shared credentials file named by the head's
+``AWS_SHARED_CREDENTIALS_FILE``, written when the S3 store starts), never from the driver."""
 
 from __future__ import annotations
 
@@ -23,6 +27,11 @@ def service_env() -> dict:
     return ray_env(pythonpath=str(REPO))
 
 
+def aws_credentials_file(tmp_path_factory) -> Path:
+    """The session's shared credentials file (written by ``seaweed``; absent until then)."""
+    return tmp_path_factory.getbasetemp() / "aws" / "credentials"
+
+
 _stop = stop_process
 
 
@@ -38,15 +47,17 @@ def demo(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_head():
+def ray_head(tmp_path_factory):
     """One private Ray head on 127.0.0.1 for the session, stopped by its PID."""
-    with LocalRayHead(service_env(), start_timeout=90) as head:
+    creds = aws_credentials_file(tmp_path_factory)
+    env = {**service_env(), "AWS_SHARED_CREDENTIALS_FILE": str(creds)}
+    with LocalRayHead(env, start_timeout=90) as head:
         yield {"address": head.address, "dashboard": head.dashboard, "env": head.env}
 
 
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory):
-    """SeaweedFS `weed mini` S3 on free loopback ports with a fresh -dir (ARCHITECTURE §4)."""
+    """SeaweedFS `weed mini` S3 on free loopback ports with a fresh -dir."""
     d = tmp_path_factory.mktemp("weed")
     for sub in ("data", "logs"):
         (d / sub).mkdir()
@@ -80,8 +91,12 @@ def seaweed(tmp_path_factory):
                 _stop(proc)
                 raise RuntimeError(f"weed did not start: {(d / 'weed.out').read_text()[-2000:]}")
             time.sleep(0.5)
+    creds = aws_credentials_file(tmp_path_factory)
+    creds.parent.mkdir(exist_ok=True)
+    creds.write_text("[default]\naws_access_key_id = K\naws_secret_access_key = S\n")
+    creds.chmod(0o600)
     yield {"endpoint": endpoint, "client": client,
-           "env": {"AWS_ACCESS_KEY_ID": "K", "AWS_SECRET_ACCESS_KEY": "S", "AWS_REGION": "us-east-1"}}
+           "env": {"AWS_SHARED_CREDENTIALS_FILE": str(creds), "AWS_REGION": "us-east-1"}}
     _stop(proc)
     out.close()
 

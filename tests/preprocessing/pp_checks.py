@@ -4,7 +4,6 @@ checks every sample against the contract (tests/preprocessing/*.py import it).""
 from __future__ import annotations
 
 import collections
-import glob
 import hashlib
 import io
 import json
@@ -18,7 +17,7 @@ import webdataset as wds
 from PIL import Image
 
 from preprocessing.fixtures import FIXTURE_FILTERS
-from preprocessing.schema import IGNORE_INDEX, IMAGE_TOKEN_ID, load_manifest
+from vwlmm_data.contract import IGNORE_INDEX, IMAGE_TOKEN_ID, load_manifest
 
 # Small images keep the suite fast: 56 px / 14 px patches = 16 patch tokens per image.
 IMAGE_SIZE, NUM_PATCHES = 56, 16
@@ -145,7 +144,7 @@ def check_output(out: str, expected: dict[str, str], tok, formats=("webdataset",
         assert paths, fmt
         samples = read_webdataset(paths) if fmt == "webdataset" else read_arrow(paths)
         assert len(samples) == m.num_samples == sum(s.num_samples for s in m.shards_of(fmt))
-        assert sum(s["num_tokens"] for s in samples) == m.statistics["num_tokens"]
+        assert sum(s["num_tokens"] for s in samples) == m.statistics.num_tokens
         by_format[fmt] = samples
     samples = by_format[formats[0]]
     for other in formats[1:]:  # same samples, same order, same bytes in both formats

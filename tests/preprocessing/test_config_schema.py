@@ -12,7 +12,7 @@ import pytest
 
 from preprocessing.cli import config_from_args
 from preprocessing.config import PreprocessConfig
-from preprocessing.schema import CLIP_MEAN, CLIP_STD, IGNORE_INDEX, IMAGE_TOKEN_ID, load_manifest
+from vwlmm_data.contract import IGNORE_INDEX, IMAGE_TOKEN_ID, VisionInfo, load_manifest
 from preprocessing.tokenizer import load_tokenizer, tokenizer_identity
 
 BASE = dict(source="llava", inputs=["x.json"], image_root="img", tokenizer="t", output="o")
@@ -75,7 +75,8 @@ def test_help_documents_every_option():
 
 def test_constants_and_manifest_loader(tmp_path):
     assert (IMAGE_TOKEN_ID, IGNORE_INDEX) == (-200, -100)
-    assert CLIP_MEAN[0] == 0.48145466 and CLIP_STD[2] == 0.27577711
+    clip = VisionInfo.of("clip")
+    assert clip.image_mean[0] == 0.48145466 and clip.image_std[2] == 0.27577711
     (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 1}))
     with pytest.raises(ValueError, match="missing field"):
         load_manifest(str(tmp_path))

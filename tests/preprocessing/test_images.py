@@ -11,11 +11,12 @@ import pytest
 from PIL import Image
 
 from preprocessing.fixtures import FIXTURE_FILTERS, bad_images, odd_images
-from preprocessing.images import PAD_COLOR, ImageReject, ImageSettings, process_image
+from preprocessing.images import ImageReject, ImageSettings, process_image
 
 S = ImageSettings(size=56, max_pixels=FIXTURE_FILTERS["max_image_pixels"],
                   min_side=FIXTURE_FILTERS["min_image_side"],
                   max_aspect_ratio=FIXTURE_FILTERS["max_aspect_ratio"])
+PAD_COLOR = S.pad_color  # CLIP's mean colour, the default
 
 
 def _decode(jpg: bytes) -> np.ndarray:

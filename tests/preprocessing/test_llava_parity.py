@@ -167,6 +167,7 @@ def photos():
 @pytest.mark.parametrize("mode,llava_mode", [("pad", "pad"), ("crop", "square")])
 def test_pixels_equal_llava_before_storage_and_within_jpeg_error_after(photos, mode, llava_mode):
     from pipeline.data.decode import decode_image
+    from vwlmm_data.contract import VisionInfo
 
     processor = ref.clip_processor(336)
     mean = np.asarray(processor.image_mean, np.float32)[:, None, None]
@@ -179,7 +180,8 @@ def test_pixels_equal_llava_before_storage_and_within_jpeg_error_after(photos, m
         ours = (array.transpose(2, 0, 1) / 255.0 - mean) / std
         # the array we encode is LLaVA's, bit for bit (float32 rounding only)
         assert np.abs((ours - want) * std).max() * 255 < 1e-3, name
-        stored = decode_image(process_image(data, settings), 336, name).numpy()
+        stored = decode_image(process_image(data, settings), 336, name,
+                              VisionInfo.of("clip")).numpy()
         err = np.abs((stored - want) * std) * 255  # in 8-bit pixel levels
         worst_mean, worst_max = max(worst_mean, err.mean()), max(worst_max, err.max())
     print(f"{mode}: stored JPEG vs LLaVA: worst mean {worst_mean:.2f}/255, max {worst_max:.0f}/255")

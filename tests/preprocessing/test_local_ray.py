@@ -4,7 +4,6 @@ nothing is read from or written to ``~/.ray``."""
 
 from __future__ import annotations
 
-import os
 import stat
 import subprocess
 import sys

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.preprocessing.pp_checks import render_ids, supervised_runs
-from preprocessing.schema import IGNORE_INDEX, IMAGE_TOKEN_ID
+from vwlmm_data.contract import IGNORE_INDEX, IMAGE_TOKEN_ID
 from preprocessing.legacy_tokenizer import load_text_tokenizer
 from preprocessing.templates import VICUNA_SYSTEM, TemplateError, Turn, tokenize
 from preprocessing.tokenizer import load_tokenizer

@@ -71,6 +71,24 @@ def make_clip_dir(path: Path, seed: int = 1) -> Path:
     return path
 
 
+def siglip_vision_model(image_size: int = 32, seed: int = 3):
+    """A tiny transformers ``SiglipVisionModel`` (pooling head on), weights moved off init."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(seed)
+    config = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                num_attention_heads=4, image_size=image_size, patch_size=8,
+                                layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")
+    model = SiglipVisionModel(config).eval()
+    _perturb(model, seed)
+    return model
+
+
+def make_siglip_dir(path: Path, seed: int = 3) -> Path:
+    siglip_vision_model(seed=seed).save_pretrained(path)
+    return path
+
+
 def make_projector(path: Path, seed: int = 2) -> Path:
     g = torch.Generator().manual_seed(seed)
     state = {"model.mm_projector.0.weight": 0.2 * torch.randn(64, 32, generator=g),
@@ -114,7 +132,8 @@ def megatron_outputs(ckpt_dir: str, b, with_loss: bool = False, save_to: str | N
     from megatron.core import dist_checkpointing, parallel_state as ps, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_vwlmm.convert.megatron_io import config_to_dict, resolve_checkpoint
+    from megatron_vwlmm.checkpoint.metadata import config_to_dict
+    from megatron_vwlmm.convert.megatron_io import resolve_checkpoint
     from megatron_vwlmm.model import build_model, replace
     from megatron_vwlmm.model.forward_step import loss_func
 

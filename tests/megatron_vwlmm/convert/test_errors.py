@@ -87,7 +87,7 @@ def test_incomplete_checkpoint_dirs(tmp_path):
         resolve_checkpoint(tmp_path / "partial")
     (tmp_path / "root").mkdir()
     (tmp_path / "root" / "latest").write_text("iter_0000003\n")
-    with pytest.raises(IncompleteCheckpointError, match="names 'iter_0000003', which is missing"):
+    with pytest.raises(IncompleteCheckpointError, match="names 'iter_0000003', which does not exist"):
         resolve_checkpoint(tmp_path / "root")
 
 
@@ -101,3 +101,52 @@ def test_cli_reports_errors_and_has_help(tmp_path):
     helped = subprocess.run([sys.executable, "-m", "megatron_vwlmm.convert.cli", "import", "--help"],
                             capture_output=True, text=True, timeout=300)
     assert helped.returncode == 0 and "--vm-head-init" in helped.stdout
+
+
+class _RunsCode:
+    """Unpickling this calls ``open(path, "w")``: a stand-in for a pickle that runs code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_only_weight_files_are_read_and_never_unpickled_freely(sources, tmp_path):
+    """A folder saved by transformers' Trainer holds other pickles beside the `.bin` weights
+    (training_args.bin, optimizer.bin): only the weights are read, with `weights_only`."""
+    import argparse
+    import shutil
+
+    import torch
+
+    from megatron_vwlmm.convert.hf_io import read_hf_tensors, read_tensor_file
+
+    state = dict(read_hf_tensors(sources / "llama"))
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    for folder in (single, sharded):
+        shutil.copytree(sources / "llama", folder, ignore=shutil.ignore_patterns("*.safetensors"))
+        torch.save(argparse.Namespace(learning_rate=2e-5), folder / "training_args.bin")
+        torch.save({"state": {}, "param_groups": []}, folder / "optimizer.bin")
+    torch.save(state, single / "pytorch_model.bin")
+    keys = sorted(state)
+    shards = {"pytorch_model-00001-of-00002.bin": keys[:3],
+              "pytorch_model-00002-of-00002.bin": keys[3:]}
+    for name, names in shards.items():
+        torch.save({k: state[k] for k in names}, sharded / name)
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {k: name for name, names in shards.items() for k in names}}))
+    for folder in (single, sharded):
+        got = read_hf_tensors(folder)
+        assert set(got) == set(state), folder
+        assert all(torch.equal(got[k], state[k]) for k in state)
+
+    evil = tmp_path / "evil.bin"
+    torch.save({"w": _RunsCode(tmp_path / "pwned")}, evil)
+    with pytest.raises(IncompleteCheckpointError, match="not a readable torch weights file"):
+        read_tensor_file(evil)
+    assert not (tmp_path / "pwned").exists()
+    torch.save([torch.zeros(2)], tmp_path / "list.bin")
+    with pytest.raises(IncompleteCheckpointError, match="no name -> tensor mapping"):
+        read_tensor_file(tmp_path / "list.bin")

@@ -45,8 +45,10 @@ def test_vm_head_is_the_sources_or_a_copy_of_the_lm_head(conversion_root):
         want = source["vm_head.weight"] if has_vm_head else source["lm_head.weight"]
         assert torch.equal(exported["vm_head.weight"], want), name
         meta = json.loads((conversion_root / f"ck_{name}" / "vwlmm_config.json").read_text())
-        assert meta["source"]["vm_head_init"] == ("source" if has_vm_head else "lm_head")
-        assert meta["source"]["architecture"] == "llama" and meta["layout"] == {"tp": 2, "pp": 2}
+        record = meta["provenance"]["conversion"]
+        assert record["vm_head_init"] == ("source" if has_vm_head else "lm_head")
+        assert record["architecture"] == "llama" and meta["layout"] == {"tp": 2, "pp": 2}
+        assert meta["provenance"]["tokenizer"] == str((conversion_root / name).resolve())
         assert meta["vwlmm_config"]["pif"] is False
 
 

@@ -350,7 +350,7 @@ def test_bad_attention_backend_names_the_field():
 
 
 def test_config_round_trips_and_old_configs_load():
-    from megatron_vwlmm.convert.megatron_io import config_from_dict, config_to_dict
+    from megatron_vwlmm.checkpoint.metadata import config_from_dict, config_to_dict
 
     config = cases.tiny_config(attention_backend="unfused")
     assert config_from_dict(config_to_dict(config)) == config
