@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Tuple
 
 import pytest
 
@@ -68,9 +69,16 @@ def preprocess_inputs(tmp_path_factory) -> PreprocessInputs:
 
 
 @pytest.fixture(scope="session")
-def one_node_preprocess(slurm, preprocess_inputs, tmp_path_factory) -> PreprocessRun:
-    """ray_preprocess.sbatch with the real entrypoint on the single-node Slurm: checked by
-    test_ray_preprocess_sbatch.py, and the bytes the multi-node run must reproduce."""
+def one_node_preprocess_job(slurm, preprocess_inputs, tmp_path_factory) -> Tuple[Path, str]:
+    """ray_preprocess.sbatch with the real entrypoint, submitted to the single-node Slurm and
+    not waited for (a test that mostly waits can start it early); (submit dir, job id)."""
     work = tmp_path_factory.mktemp("one-node-preprocess")
-    job = submit_preprocess(slurm, work, 1, preprocess_inputs, env=job_env())
+    return work, submit_preprocess(slurm, work, 1, preprocess_inputs, env=job_env())
+
+
+@pytest.fixture(scope="session")
+def one_node_preprocess(slurm, one_node_preprocess_job) -> PreprocessRun:
+    """That job, finished: checked by test_ray_preprocess_sbatch.py, and the bytes the
+    multi-node run must reproduce."""
+    work, job = one_node_preprocess_job
     return PreprocessRun(work, job, slurm.wait_job(job, timeout=400))

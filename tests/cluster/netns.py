@@ -136,16 +136,21 @@ class Lan:
             time.sleep(0.1)
 
     def destroy(self) -> None:
-        """Kill what runs in the namespaces, delete them and the bridge (idempotent)."""
+        """Kill what runs in the namespaces, delete them, the bridge and the route (idempotent;
+        everything is removed even when a process will not die, which is then raised)."""
+        survivors: List[TimeoutError] = []
         for name, host in self.hosts.items():
             if os.path.exists(f"/run/netns/{host.netns}"):
                 try:
                     self.kill_all(name)
-                finally:
-                    subprocess.run(["ip", "netns", "del", host.netns], capture_output=True)
+                except TimeoutError as exc:
+                    survivors.append(exc)
+                subprocess.run(["ip", "netns", "del", host.netns], capture_output=True)
             subprocess.run(["ip", "link", "del", host.host_veth], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
         subprocess.run(["ip", "route", "del", *self.guard_route], capture_output=True)
+        if survivors:
+            raise survivors[0]
 
 
 def remove_stale() -> List[str]:

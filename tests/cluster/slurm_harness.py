@@ -124,7 +124,9 @@ ReturnToService=2
 FirstJobId={first_job_id}
 # Short timeouts: a test waits on these, a production cluster would not.
 KillWait=10
-MinJobAge=60
+# Ended jobs stay known to scontrol (state, exit code) for an hour: a test may start a job early
+# and look at it long after it ended.
+MinJobAge=3600
 SlurmdTimeout={slurmd_timeout}
 {node_lines}
 PartitionName=debug Nodes={node_names} Default=YES MaxTime=INFINITE State=UP
@@ -277,12 +279,12 @@ class LocalSlurm:
                 pid = pids.get(name)
                 if pid is None or not _alive(pid):
                     continue
-                os.kill(pid, signal.SIGTERM)
+                _signal(pid, signal.SIGTERM)
                 deadline = time.monotonic() + timeout
                 while _alive(pid) and time.monotonic() < deadline:
                     time.sleep(0.1)
                 if _alive(pid):
-                    os.kill(pid, signal.SIGKILL)
+                    _signal(pid, signal.SIGKILL)
         finally:
             if self.lan:
                 self.lan.destroy()
@@ -328,7 +330,7 @@ class LocalSlurm:
         return its exit code (128 + signal if a signal ended it) as the return code.
 
         Waits by polling ``scontrol`` rather than with ``sbatch --wait``, whose poll interval
-        grows to 32 s here (it follows MinJobAge), which would add up to half a minute per job.
+        grows to 32 s, which would add up to half a minute per job.
         """
         res = self.run_client(["sbatch", "--parsable", *args], env=env, cwd=cwd, timeout=60)
         if not wait or res.returncode != 0:
@@ -364,13 +366,27 @@ class LocalSlurm:
     def wait_job_state(self, job_id: str, states: Sequence[str], timeout: float = 120) -> str:
         deadline = time.monotonic() + timeout
         state = ""
+        unknown_since = None
         while time.monotonic() < deadline:
             state = self.job_field(job_id, "JobState")
             if state in states:
                 return state
+            if state:
+                unknown_since = None
+            elif unknown_since is None:
+                unknown_since = time.monotonic()
+            elif time.monotonic() - unknown_since > 10:  # not a passing scontrol failure
+                raise LookupError(f"job {job_id} is unknown to slurmctld:\n{self.logs()}")
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} state {state!r}, not in {list(states)} after "
                            f"{timeout:.0f}s")
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:  # it ended meanwhile
+        pass
 
 
 def _alive(pid: int) -> bool:

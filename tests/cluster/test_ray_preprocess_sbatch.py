@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from tests.cluster.cluster_jobs import RAY_SBATCH, job_env, processes_mentioning, read
@@ -41,3 +42,7 @@ def test_failed_preprocessing_fails_the_job_and_stops_ray(slurm, tmp_path):
     assert f"vwlmm-preprocess-{job}-0: FAILED" in out, out
     assert not processes_mentioning(f"/tmp/ray-vwlmm-{job}"), out
     assert not (tmp_path / "out/manifest.json").exists()
+    # Ray's temp dir is kept for its logs after a failure (then removed: the test made it).
+    kept = Path(f"/tmp/ray-vwlmm-{job}")
+    assert kept.is_dir() and f"Ray logs kept in {kept}" in out, out
+    shutil.rmtree(kept)

@@ -12,7 +12,7 @@ import time
 from megatron_vwlmm.parallel.launch import run_on_ranks
 
 TIMEOUT_S = 1
-PEER_SILENT_S = 8  # the silent peer exits after this; a rank still waiting then fails anyway
+PEER_SILENT_S = 5  # the silent peer exits after this; a rank still waiting then fails anyway
 
 
 def _tp_collective_with_a_silent_peer():
@@ -38,4 +38,4 @@ def _tp_collective_with_a_silent_peer():
 def test_tp_collective_times_out_after_timeout_s():
     (waited, error), _ = run_on_ranks(_tp_collective_with_a_silent_peer, 2, tp=2)
     assert "Timed out" in error, error
-    assert waited < PEER_SILENT_S / 2, (waited, error)
+    assert waited < PEER_SILENT_S - 1, (waited, error)
