@@ -16,7 +16,7 @@ def _device_name() -> str:
 
 
 def _run(pif: bool, bf16: bool) -> tuple[float, float, float, float]:
-    from megatron_vwlmm.convert.hf_configs import clip_vision_hf_config, llm_hf_config
+    from megatron_vwlmm.convert.hf_configs import llm_hf_config, vision_hf_config
     from megatron_vwlmm.convert.hf_mapping import megatron_to_hf
     from megatron_vwlmm.model import build_model
     from megatron_vwlmm.model.forward_step import forward_step
@@ -30,7 +30,7 @@ def _run(pif: bool, bf16: bool) -> tuple[float, float, float, float]:
     output, loss_func = forward_step(cases.batch(samples, config).to("cuda"), model)
     _, metrics = loss_func(output)
 
-    reference = ReferenceVWLMM(clip_vision_hf_config(config), llm_hf_config(config), pif=pif)
+    reference = ReferenceVWLMM(vision_hf_config(config), llm_hf_config(config), pif=pif)
     reference.llm.config._attn_implementation = "eager"
     hf = megatron_to_hf({k: v.float().cpu() for k, v in model.state_dict().items()
                          if "_extra_state" not in k}, config)

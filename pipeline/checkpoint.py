@@ -125,40 +125,26 @@ def _flat_model_sd(model_sd: Dict[str, Any]) -> Dict[str, Any]:
             for name, value in sd.items()}
 
 
-def _die_with_parent() -> None:
-    """Runs in megatron's checkpoint-queue Manager process: exit when the trainer dies, and
-    leave termination signals to the trainer.
-
-    Slurm signals every process of a step on preemption or ``scancel --signal``; a Manager that
-    died of that SIGTERM would break the very checkpoint the trainer writes in response.
-    """
-    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(signum, signal.SIG_IGN)
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:  # not Linux: nothing to tie to
-        pass
-
-
 def install_checkpoint_queue() -> None:
-    """Start megatron's write-results queue ourselves, with a Manager tied to this process.
+    """Give megatron's torch_dist writer an in-process results queue before its first save.
 
-    megatron's torch_dist writer lazily starts a spawn-context ``Manager`` server on the first
-    save. If the trainer is then killed (OOM killer, preemption without grace, node fault), that
-    server is orphaned and keeps the launcher's stdout open, so torchrun/srun never see EOF.
-    Starting it here with PR_SET_PDEATHSIG makes it die with the trainer.
+    Left to itself, the writer creates that queue on the first save as a spawn-context
+    ``Manager`` server (``filesystem_async._get_write_results_queue``): a second process that
+    re-imports the trainer's main module (seconds of start-up per rank) and, when the trainer
+    is killed (OOM killer, preemption without grace, node fault), is orphaned holding the
+    launcher's stdout, so torchrun/srun never see EOF. The queue only has to cross processes
+    for asynchronous saves; ``CheckpointManager.save`` saves synchronously, where megatron runs
+    the writer in the calling process (``AsyncRequest.execute_sync``), which puts its results
+    here and reads them back before returning. A plain ``queue.Queue`` does that with no
+    process at all. (Were a save made asynchronous, its forked writer's results would not
+    reach this queue and megatron would fail the save: "results_queue should not be empty".)
     """
-    import multiprocessing as mp
-    from multiprocessing.managers import SyncManager
+    import queue
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is None:
-        manager = SyncManager(ctx=mp.get_context("spawn"))
-        manager.start(initializer=_die_with_parent)
-        filesystem_async._results_queue = manager.Queue()
+        filesystem_async._results_queue = queue.Queue()
 
 
 def _materialize_optimizer_state(optimizer) -> None:
@@ -287,7 +273,7 @@ class CheckpointManager:
         """Write a complete checkpoint for ``state.iteration``, then move ``latest`` to it."""
         from megatron.core import dist_checkpointing
 
-        tmp = self.root / (layout.checkpoint_name(state.iteration) + layout.STAGING_SUFFIX)
+        tmp = layout.staging_folder(self.root, state.iteration)
         if _rank() == 0:
             layout.stage(self.root, Marker(self.run_id, state.iteration))
         _barrier()

@@ -23,16 +23,16 @@ import posixpath
 import re
 
 from preprocessing.config import PreprocessConfig
+from preprocessing.energon import NV_META
 from preprocessing.job_state import STATE_DIR
 from vwlmm_data import storage
-from vwlmm_data.contract import MANIFEST_NAME, REJECTS_NAME
+from vwlmm_data.contract import FORMATS, MANIFEST_NAME, REJECTS_NAME
 
 MARKER_NAME = "vwlmm-dataset.json"
 # Written by every job before the marker existed; accepted as the same proof of ownership.
 LEGACY_MARK = "config.json"
-_FORMAT_DIRS = ("webdataset", "arrow")
+_FORMAT_DIRS = FORMATS  # --format both: one folder per format (worker.shard_relpath)
 _SHARD = re.compile(r"shard-\d{6}\.(tar|arrow)(\.idx)?$")
-_NV_META = ".nv-meta"
 
 
 def marker_uri(output: str) -> str:
@@ -66,7 +66,7 @@ def is_layout_path(rel: str) -> bool:
         return True
     if parts[0] in _FORMAT_DIRS:
         parts = parts[1:]
-    if len(parts) >= 2 and parts[0] == _NV_META:
+    if len(parts) >= 2 and parts[0] == NV_META:
         return True
     if len(parts) != 1:
         return False
@@ -145,7 +145,7 @@ def _remove_empty_layout_dirs(output: str) -> None:
     """Local folders of the layout left empty by a clear (S3 has no folders)."""
     if storage.is_s3(output):
         return
-    for sub in (STATE_DIR, _NV_META, *[posixpath.join(d, _NV_META) for d in _FORMAT_DIRS],
+    for sub in (STATE_DIR, NV_META, *[posixpath.join(d, NV_META) for d in _FORMAT_DIRS],
                 *_FORMAT_DIRS):
         top = os.path.join(output, sub)
         for root, _, _ in os.walk(top, topdown=False):  # deepest first

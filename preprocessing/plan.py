@@ -80,6 +80,13 @@ def make_batches(files: list[InputFile], num_units: list[int], num_records: list
     return batches
 
 
+def file_unit(f: InputFile, locator: dict, unit_fields: dict) -> dict:
+    """One unit of input ``f`` as planned, less its global index: ``unit_fields`` (the job's),
+    ``f``'s own fields, the scan's locator, and the file. The digest step hands the same dict
+    (through ``task_unit``) to ``Source.digests`` that ``Source.read_unit`` later gets."""
+    return {**unit_fields, **f.unit_fields, **locator, "file": f.uri, "file_index": f.index}
+
+
 def plan_batch(state: JobState, partitions: int, batch: Batch, unit_fields: dict) -> dict:
     """Write the batch's plan file (its units) and decisions file (one JSON line per unit that has
     decisions, ``{"record index in unit": ["duplicate" | "rename", key]}``); returns its counts."""
@@ -105,8 +112,7 @@ def plan_batch(state: JobState, partitions: int, batch: Batch, unit_fields: dict
                 n_dup += duplicate
                 n_rename += not duplicate
                 pending = next(decisions, None)
-            unit = {**unit_fields, **f.unit_fields, **locator, "index": batch.first_unit + len(units),
-                    "file": f.uri, "file_index": f.index}
+            unit = {**file_unit(f, locator, unit_fields), "index": batch.first_unit + len(units)}
             if mine:
                 line = (json.dumps(mine, sort_keys=True, ensure_ascii=False) + "\n").encode()
                 unit["decisions"] = [batch.index, offset, offset + len(line)]

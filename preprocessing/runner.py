@@ -27,8 +27,8 @@ from preprocessing.config import PreprocessConfig
 from preprocessing.finalize import finalize
 from preprocessing.job_state import JobState, check_inputs, read_scan, write_scan
 from preprocessing.local_ray import private_local_ray
-from preprocessing.plan import (InputFile, build_plan, default_partitions, iter_units, read_plan,
-                                task_unit)
+from preprocessing.plan import (InputFile, build_plan, default_partitions, file_unit, iter_units,
+                                read_plan, task_unit)
 from preprocessing.scheduling import bounded_executor
 from preprocessing.sources import get_source
 from preprocessing.tokenizer import tokenizer_identity
@@ -66,18 +66,10 @@ def _expanded(cfg: PreprocessConfig) -> list[FileInfo]:
     return infos
 
 
-def _inputs(cfg: PreprocessConfig, expanded: list[FileInfo] | None = None) -> list[InputFile]:
+def _inputs(cfg: PreprocessConfig, expanded: list[FileInfo]) -> list[InputFile]:
     """The files the source reads, in order (a LAION tar carries its parquet as a unit field)."""
-    uris = [i.uri for i in (_expanded(cfg) if expanded is None else expanded)]
-    return [InputFile(i, uri, fields)
-            for i, (uri, fields) in enumerate(get_source(cfg.source).input_files(uris))]
-
-
-def _unit_of(cfg: PreprocessConfig, state: JobState, f: InputFile, locator: dict) -> dict:
-    """What a source's ``digests`` gets for one unit of ``f``: the unit as ``plan_batch`` plans
-    it (less its global index) and ``task_unit`` hands it to its task."""
-    return {"source": cfg.source, "file": f.uri, "file_index": f.index, **f.unit_fields,
-            **locator, "scratch": state.records_prefix(f.index)}
+    return [InputFile(i, uri, fields) for i, (uri, fields)
+            in enumerate(get_source(cfg.source).input_files([f.uri for f in expanded]))]
 
 
 def _scan_file(cfg_dict: dict, f: InputFile) -> dict:
@@ -210,7 +202,8 @@ def _plan(cfg: PreprocessConfig, run_tasks, state: JobState, files: list[InputFi
         if cfg.dedup and r["units"] is not None:  # digests that need the images
             to_digest.append((r["index"], r["units"]))
     to_digest.sort(key=lambda d: d[0])
-    jobs = ((cfg_dict, files[i], c, _unit_of(cfg, state, files[i], loc))
+    unit_fields = {"source": cfg.source}  # what every unit of the job carries
+    jobs = ((cfg_dict, files[i], c, task_unit(state, file_unit(files[i], loc, unit_fields)))
             for i, locators in to_digest for c, loc in enumerate(locators))
     for _ in run_tasks(_digest_unit, jobs):
         pass
@@ -220,7 +213,7 @@ def _plan(cfg: PreprocessConfig, run_tasks, state: JobState, files: list[InputFi
     log.info("scanned %d record(s) in %d file(s) (%.1fs); dedup in %d partition(s)", total,
              len(files), time.perf_counter() - t0, partitions)
     return build_plan(run_tasks, state, files, num_units, num_records, partitions=partitions,
-                      dedup_on=cfg.dedup, unit_fields={"source": cfg.source})
+                      dedup_on=cfg.dedup, unit_fields=unit_fields)
 
 
 def _finished_units(state: JobState, num_units: int) -> bytearray:
@@ -269,7 +262,7 @@ def _process(cfg: PreprocessConfig, ray, files: list[InputFile], tok_info,
     if skipped:
         log.info("resuming: %d of %d unit(s) already done", skipped, summary["num_units"])
     cfg_dict = dataclasses.asdict(cfg)
-    todo = ((cfg_dict, task_unit(state, u), None) for u in iter_units(state, summary)
+    todo = ((cfg_dict, task_unit(state, u)) for u in iter_units(state, summary)
             if not done[u["index"]])
     bar = tqdm(total=summary["num_units"], initial=skipped, unit="unit", disable=not cfg.progress,
                mininterval=1.0, desc="preprocess", dynamic_ncols=True)

@@ -57,20 +57,19 @@ def _add_stats(st: dict, s: Sample) -> None:
     st["num_text_only"] += s.num_images == 0
 
 
-def process_unit(cfg_dict: dict, unit: dict, decisions: dict | None = None) -> dict:
+def process_unit(cfg_dict: dict, unit: dict) -> dict:
     """Write the unit's shards and its result record; returns the record.
 
-    ``decisions`` (the job's global dedup, ``preprocessing/dedup.py``) maps a record's index
-    within the unit to ``["duplicate", first_key]`` or ``["rename", new_key]`` for colliding ids;
-    None reads the unit's own line of its plan batch's decisions file.
+    The unit's decisions (the job's global dedup, ``preprocessing/dedup.py``) are its own line of
+    its plan batch's decisions file: a record's index within the unit (a string, as JSON keys
+    are) -> ``["duplicate", first_key]`` or ``["rename", new_key]`` for colliding ids.
     """
     cfg = PreprocessConfig(**cfg_dict)
     state = JobState(cfg.output, cfg.s3)
     record_uri = state.unit_record_uri(unit["index"])
     if storage.exists(record_uri, cfg.s3):
         return json.loads(storage.read_bytes(record_uri, cfg.s3))
-    if decisions is None:
-        decisions = unit_decisions(state, unit)
+    decisions = unit_decisions(state, unit)
     cpu0 = time.process_time()
     tokenizer = load_tokenizer(cfg.tokenizer)
     shards = {fmt: storage.join(cfg.output, shard_relpath(cfg, fmt, unit["index"]))
@@ -81,7 +80,7 @@ def process_unit(cfg_dict: dict, unit: dict, decisions: dict | None = None) -> d
         for i, rec in enumerate(get_source(unit["source"]).read_unit(unit, cfg)):
             n_records += 1
             _maybe_crash(unit["index"], i, unit["num_records"])
-            decision = decisions.get(i) or decisions.get(str(i))
+            decision = decisions.get(str(i))
             try:
                 if decision and decision[0] == "duplicate":
                     raise Reject("duplicate", f"same image and text as {decision[1]}")

@@ -2,8 +2,10 @@
 # System packages the tests need beyond PyPI (installed only when missing; root on CI).
 set -euo pipefail
 need=()
-# Slurm + munge: tests/cluster starts a real single-node Slurm on 127.0.0.1 (docs/ARCHITECTURE.md, section 7).
-for pair in slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client munged:munge; do
+# Slurm + munge: tests/cluster starts a real single-node Slurm on 127.0.0.1, and a two-node one
+# in network namespaces, which need ip (iproute2) and nsenter (util-linux) (tests/cluster/netns.py).
+for pair in slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client munged:munge ip:iproute2 \
+            nsenter:util-linux; do
   bin=${pair%%:*}; pkg=${pair#*:}
   command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || need+=("$pkg")
 done

@@ -17,8 +17,9 @@ the folder is fsynced; on S3 the managed upload makes the object appear only onc
 Temp files carry a name only this module makes (``STAGING_PREFIX`` + 8 random characters +
 ``.partial``), so cleaning up after a killed writer never touches a user's own ``.tmp-*`` files.
 
-Deletes refuse locations no job may own: a filesystem root, a top-level folder (``/tmp``,
-``/data``), the home folder or one of its ancestors, a bucket root (``s3://bucket``).
+Deletes are of listed files only (``remove_files``); ``protected_reason`` names the locations
+no job may clear as a whole: a filesystem root, a top-level folder (``/tmp``, ``/data``), the
+home folder or one of its ancestors, a bucket root (``s3://bucket``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import functools
 import glob
 import os
 import re
-import shutil
 import stat
 import tempfile
 from dataclasses import dataclass
@@ -231,16 +231,11 @@ def open_random_access(uri: str, s3: S3Options = S3Options()):
 
 def expand(pattern: str, s3: S3Options = S3Options()) -> list[str]:
     """A path, glob or S3 URI (globs allowed in the key) -> the sorted list of files it names."""
-    if not is_s3(pattern):
-        if _WILDCARD.search(pattern):
-            return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-        return [pattern]
     if not _WILDCARD.search(pattern):
         return [pattern]
-    bucket, key = split_s3(pattern)
-    prefix = key[: _WILDCARD.search(key).start()]
-    return sorted(uri for uri in _list_objects(bucket, prefix, s3)
-                  if fnmatch.fnmatchcase(split_s3(uri)[1], key))
+    if not is_s3(pattern):
+        return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    return [f.uri for f in _s3_glob(pattern, s3)]
 
 
 def s3_pattern_names(pattern: str, uri: str) -> bool:
@@ -276,27 +271,31 @@ def expand_info(pattern: str, s3: S3Options = S3Options()) -> list[FileInfo]:
                 raise FileNotFoundError(f"input {path} does not exist") from None
             out.append(FileInfo(path, st.st_size, str(st.st_mtime_ns)))
         return out
+    if _WILDCARD.search(pattern):
+        return _s3_glob(pattern, s3)
     bucket, key = split_s3(pattern)
-    if not _WILDCARD.search(key):
-        try:
-            head = client(s3).head_object(Bucket=bucket, Key=key)
-        except Exception as exc:
-            if _is_not_found(exc):
-                raise FileNotFoundError(f"input {pattern} does not exist") from exc
-            raise
-        return [FileInfo(pattern, head["ContentLength"], head["ETag"])]
+    try:
+        head = client(s3).head_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        if _is_not_found(exc):
+            raise FileNotFoundError(f"input {pattern} does not exist") from exc
+        raise
+    return [FileInfo(pattern, head["ContentLength"], head["ETag"])]
+
+
+def _s3_glob(pattern: str, s3: S3Options) -> list[FileInfo]:
+    """The objects whose key matches the wildcards of ``pattern``, sorted by URI."""
+    bucket, key = split_s3(pattern)
     prefix = key[: _WILDCARD.search(key).start()]
-    pages = client(s3).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return sorted((FileInfo(f"s3://{bucket}/{obj['Key']}", obj["Size"], obj["ETag"])
-                   for page in pages for obj in page.get("Contents", [])
-                   if fnmatch.fnmatchcase(obj["Key"], key)), key=lambda f: f.uri)
+    return sorted((f for f in _list_objects(bucket, prefix, s3)
+                   if fnmatch.fnmatchcase(split_s3(f.uri)[1], key)), key=lambda f: f.uri)
 
 
-def _list_objects(bucket: str, prefix: str, s3: S3Options) -> Iterator[str]:
+def _list_objects(bucket: str, prefix: str, s3: S3Options) -> Iterator[FileInfo]:
     pages = client(s3).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     for page in pages:
         for obj in page.get("Contents", []):
-            yield f"s3://{bucket}/{obj['Key']}"
+            yield FileInfo(f"s3://{bucket}/{obj['Key']}", obj["Size"], obj["ETag"])
 
 
 def list_prefix(uri: str, s3: S3Options = S3Options()) -> Iterator[str]:
@@ -307,7 +306,7 @@ def list_prefix(uri: str, s3: S3Options = S3Options()) -> Iterator[str]:
                 yield os.path.join(root, name)
         return
     bucket, key = split_s3(uri)
-    yield from _list_objects(bucket, key.rstrip("/") + "/" if key else "", s3)
+    yield from (f.uri for f in _list_objects(bucket, key.rstrip("/") + "/" if key else "", s3))
 
 
 def is_staging_name(name: str) -> bool:
@@ -327,12 +326,13 @@ def _makedirs_durable(folder: str) -> None:
             os.mkdir(path)
         except FileExistsError:  # created meanwhile by another writer
             continue
-        _fsync_dir(os.path.dirname(path))
+        fsync_dir(os.path.dirname(path))
 
 
-def _fsync_dir(path: str) -> None:
-    """Make a rename in ``path`` durable (POSIX: the directory entry lives in the folder)."""
-    fd = os.open(path, os.O_RDONLY)
+def fsync_dir(path: str) -> None:
+    """Make the folder's entries (creations, renames, deletions) durable: on POSIX a directory
+    entry lives in the folder, not in the file."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
@@ -371,7 +371,7 @@ class StagedFile:
                 os.unlink(self.tmp)
             return
         os.replace(self.tmp, self.target)
-        _fsync_dir(os.path.dirname(os.path.abspath(self.target)))
+        fsync_dir(os.path.dirname(os.path.abspath(self.target)))
 
     def abort(self) -> None:
         self.file.close()
@@ -435,15 +435,3 @@ def remove_files(uris: list[str], s3: S3Options = S3Options()) -> None:
                 first = resp["Errors"][0]
                 raise OSError(f"could not delete {len(resp['Errors'])} object(s), e.g. "
                               f"s3://{bucket}/{first.get('Key')}: {first.get('Message')}")
-
-
-def remove_tree(uri: str, s3: S3Options = S3Options()) -> None:
-    """Delete a folder / prefix and everything below it; ValueError for ``protected_reason``
-    locations (a bucket root, a filesystem root, a top-level or home folder)."""
-    why = protected_reason(uri)
-    if why is not None:
-        raise ValueError(f"refusing to delete {uri}: {why}")
-    if not is_s3(uri):
-        shutil.rmtree(uri, ignore_errors=True)
-        return
-    remove_files(list(list_prefix(uri, s3)), s3)

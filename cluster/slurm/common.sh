@@ -9,11 +9,12 @@ vwlmm_die() { vwlmm_log "error: $*"; exit 2; }
 # First host of the allocation: rank 0 / Ray head / rendezvous store live there.
 vwlmm_first_host() { scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1; }
 
-# "name=addr ..." for every node of the job: Slurm's NodeAddr of each, from one `scontrol` call.
-# The batch scripts export it as VWLMM_NODE_ADDRS, so that the steps on every node (thousands of
-# ranks under the srun launcher) find addresses without each asking slurmctld.
-vwlmm_job_node_addrs() {
-  scontrol show node -o "$SLURM_JOB_NODELIST" | tr ' ' '\n' |
+# "name=addr ..." for the nodes of Slurm hostlist $1 (default: the job's): Slurm's NodeAddr of
+# each, from one `scontrol` call. The batch scripts export the job's as VWLMM_NODE_ADDRS, so that
+# the steps on every node (thousands of ranks under the srun launcher) find addresses without
+# each asking slurmctld.
+vwlmm_node_addrs() {
+  scontrol show node -o "${1:-$SLURM_JOB_NODELIST}" | tr ' ' '\n' |
     awk -F= '$1 == "NodeName" {n = $2} $1 == "NodeAddr" {printf "%s%s=%s", sep, n, $2; sep = " "}'
 }
 
@@ -26,7 +27,8 @@ vwlmm_node_addr() {
     if [[ ${entry%%=*} == "$host" ]]; then addr=${entry#*=}; fi
   done
   if [[ -z $addr ]]; then
-    addr=$(scontrol show node -o "$host" 2>/dev/null | tr ' ' '\n' | sed -n 's/^NodeAddr=//p')
+    entry=$(vwlmm_node_addrs "$host" 2>/dev/null) || true
+    addr=${entry#*=}
   fi
   addr=${addr:-$host}
   if [[ $addr =~ ^[0-9.]+$ || $addr == *:* ]]; then echo "$addr"; return; fi
@@ -66,7 +68,7 @@ vwlmm_node_network() {
 vwlmm_unresponsive_nodes() {
   local limit=${1:-5} port entry i pids=() names=()
   port=$(scontrol show config | awk '$1 == "SlurmdPort" {print $3}')
-  for entry in ${VWLMM_NODE_ADDRS:-$(vwlmm_job_node_addrs)}; do
+  for entry in ${VWLMM_NODE_ADDRS:-$(vwlmm_node_addrs)}; do
     timeout "$limit" bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$(vwlmm_node_addr "${entry%%=*}")" \
       "${port:-6818}" 2>/dev/null &
     pids+=($!) names+=("${entry%%=*}")

@@ -31,8 +31,9 @@ data:
    mistaken for a checkpoint and is still recognisably ours.
 
 Steps call ``on_step(name)`` (default: nothing) at each point where a crash leaves a distinct
-state; ``tests/pipeline/test_checkpoint_crash.py`` kills the process there. Standard library
-only, so those tests drive these functions in processes that start in a fraction of a second.
+state; ``tests/pipeline/test_checkpoint_crash.py`` kills the process there. Only the standard
+library and ``vwlmm_data.storage`` (its ``fsync_dir``; no torch), so those tests drive these
+functions in processes that start in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
+
+from vwlmm_data.storage import fsync_dir
 
 LATEST = "latest"
 MARKER_FILE = "vwlmm_checkpoint.json"
@@ -64,6 +67,11 @@ def checkpoint_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
+def staging_folder(root: Path, iteration: int) -> Path:
+    """Where the save of ``iteration`` is written before ``commit`` publishes it."""
+    return Path(root) / (checkpoint_name(iteration) + STAGING_SUFFIX)
+
+
 def iteration_of(name: str) -> Optional[int]:
     """The iteration of a committed checkpoint's folder name, None for any other name."""
     match = _NAME.fullmatch(name)
@@ -71,15 +79,6 @@ def iteration_of(name: str) -> Optional[int]:
 
 
 # -- durable writes --------------------------------------------------------------------------
-
-def fsync_dir(folder: Path) -> None:
-    """Make the folder's entries (creations, renames, deletions) durable."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def fsync_tree(folder: Path) -> None:
     """fsync every file under ``folder`` and every folder itself (files written by any rank or
@@ -98,8 +97,9 @@ def _temp_name(name: str) -> str:
     return f".{name}.{os.getpid()}.tmp"
 
 
-def _is_marker_temp(name: str) -> bool:
-    return name.startswith(f".{MARKER_FILE}.") and name.endswith(".tmp")
+def _is_temp_of(entry: str, name: str) -> bool:
+    """Whether ``entry`` is a ``write_file_atomic`` temp file of a file called ``name``."""
+    return entry.startswith(f".{name}.") and entry.endswith(".tmp")
 
 
 def write_file_atomic(path: Path, data: bytes) -> None:
@@ -222,8 +222,7 @@ def recover(root: Path) -> List[str]:
         return notes
     latest = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
     for path in sorted(root.iterdir()):
-        if path.is_file() and path.name.startswith(f".{LATEST}.") and \
-                path.name.endswith(".tmp"):
+        if path.is_file() and _is_temp_of(path.name, LATEST):
             path.unlink()  # a ``latest`` rewrite killed before its rename
             continue
         if not path.is_dir():
@@ -240,7 +239,7 @@ def recover(root: Path) -> List[str]:
         elif Marker.read(path) is not None:
             _remove_ours(path)
             fsync_dir(root)
-        elif all(_is_marker_temp(entry.name) for entry in path.iterdir()):
+        elif all(_is_temp_of(entry.name, MARKER_FILE) for entry in path.iterdir()):
             for entry in path.iterdir():  # ``stage`` killed while writing the marker
                 entry.unlink()
             path.rmdir()
@@ -258,7 +257,7 @@ def stage(root: Path, marker: Marker, on_step: StepHook = _no_hook) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     recover(root)
-    tmp = root / (checkpoint_name(marker.iteration) + STAGING_SUFFIX)
+    tmp = staging_folder(root, marker.iteration)
     if tmp.exists():
         raise FileExistsError(f"{tmp}: exists and was not written by vwlmm (no {MARKER_FILE}); "
                               "move it away")

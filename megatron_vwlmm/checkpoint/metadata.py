@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
+from megatron_vwlmm.checkpoint.layout import VISION_TAIL_FILE
+
 CONFIG_KEY = "vwlmm_config"
 PROVENANCE_KEY = "provenance"
 
@@ -97,8 +99,6 @@ class Provenance:
         """The vision tail for ``checkpoint``: its own copy, else the import's file; None
         when the weights never had one (trained from scratch, or an encoder run to its last
         layer)."""
-        from megatron_vwlmm.checkpoint.layout import VISION_TAIL_FILE
-
         for candidate in (Path(checkpoint) / VISION_TAIL_FILE,
                           Path(self.vision_tail) if self.vision_tail else None):
             if candidate is not None and candidate.is_file():

@@ -55,9 +55,6 @@ def vision_hf_config(config: VWLMMConfig, with_head: bool = False):
     return hf_format(config.vision.kind).hf_config(config.vision, with_head=with_head)
 
 
-clip_vision_hf_config = vision_hf_config  # the name the CLIP parity tests and benchmarks use
-
-
 # -- HF -> VWLMMConfig ---------------------------------------------------------------------------
 
 # model_type -> our decoder architecture name. Vicuna checkpoints are model_type "llama".

@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 VM_HEAD_INITS = ("lm_head", "random")
 
 
-
 def _auto_config(folder: Path, what: str):
     from transformers import AutoConfig
 
@@ -132,7 +131,7 @@ def import_hf(llm_dir: str, vision_dir: str, out_dir: str, *, tp: int = 1, pp: i
                                   name=f"hf-{architecture}", **config_changes)
     config.validate(tp, pp)
     check_tokenizer_fits(llm_path, config.decoder.vocab_size)
-    vision = layouts.clip_vision_keys(read_hf_tensors(vision_path))
+    vision = layouts.vision_keys(read_hf_tensors(vision_path))
     vision, tail = layouts.split_vision_tail(vision, config.vision.num_layers_run)
     components = {"llm": _llm_components(llm_path, llm_config), "vision": vision,
                   "projector": _projector_components(projector), "vm_head": {}}
@@ -255,7 +254,7 @@ def _tower_weights(raw: dict, src: Path, vision_dir: Optional[str]):
     tower = raw.get("mm_vision_tower") or ""
     for folder in (vision_dir, tower):
         if folder and (Path(folder) / "config.json").is_file():
-            return layouts.clip_vision_keys(read_hf_tensors(folder)), str(Path(folder).resolve())
+            return layouts.vision_keys(read_hf_tensors(folder)), str(Path(folder).resolve())
     raise UnsupportedModelError(
         f"{src}: the checkpoint holds no vision tower weights and mm_vision_tower {tower!r} is "
         "not a local folder; pass --vision <vision model folder>")

@@ -12,7 +12,7 @@ formats differ only in where each component sits:
   ``model.mm_projector.{0,2}.*``, ``vm_head.weight``.
 
 The vision component here holds the vision model's keys without the ``vision_model.`` prefix
-(transformers 5 in-memory names, ``megatron_vwlmm/vision/hf_formats.py``); ``clip_vision_keys``
+(transformers 5 in-memory names, ``megatron_vwlmm/vision/hf_formats.py``); ``vision_keys``
 normalises what is found on disk, for CLIP and SigLIP alike.
 """
 
@@ -29,7 +29,7 @@ _LLAVA_PROJECTOR = {"0": "linear_1", "2": "linear_2"}
 _ORIGINAL_VISION = "model.vision_tower.vision_tower.vision_model."
 
 
-def clip_vision_keys(state: Mapping[str, torch.Tensor]) -> Tensors:
+def vision_keys(state: Mapping[str, torch.Tensor]) -> Tensors:
     """Vision tensors under ``CLIPVisionModel``'s / ``SiglipVisionModel``'s in-memory names,
     from a vision-only or two-tower state (``vision_model.`` prefix stripped; text tower and
     projections dropped)."""
@@ -48,7 +48,7 @@ def split_vision_tail(vision: Mapping[str, torch.Tensor], layers_run: int) -> tu
     SigLIP's pooling head).
 
     The megatron encoder only has the layers up to the feature layer; the rest of the source
-    CLIP is kept beside the checkpoint so exports carry the whole tower bit-exactly.
+    tower is kept beside the checkpoint so exports carry it whole, bit-exactly.
     """
     head, tail = {}, {}
     for key, value in vision.items():
@@ -64,7 +64,7 @@ def split_vision_tail(vision: Mapping[str, torch.Tensor], layers_run: int) -> tu
 
 def identity_vision_tail(vision: Mapping[str, torch.Tensor], layers_run: int,
                          num_layers: int) -> Tensors:
-    """Stand-in CLIP layers after the feature layer when the source tail is unknown (a model
+    """Stand-in vision layers after the feature layer when the source tail is unknown (a model
     trained from scratch): out_proj and fc2 zeroed make each layer the identity on its residual
     stream, post_layernorm is the unit LayerNorm. The exported model's outputs never depend on
     these layers (the adapter reads an earlier hidden state), so logits stay exact. SigLIP's

@@ -280,13 +280,13 @@ def _unit_lines(data: bytes) -> list[str]:
 
 
 def split(json_uri: str, records_prefix: str, chunk: int,
-          s3: S3Options = S3Options()) -> list[dict]:
-    """Stream a JSON array into unit files of ``chunk`` records (JSON lines); per record its key.
+          s3: S3Options = S3Options()) -> list[str]:
+    """Stream a JSON array into unit files of ``chunk`` records (JSON lines); each record's key.
 
     Dedup digests need the images, so they are computed per unit, in parallel (``digests``).
     """
     origin = json_uri.rsplit("/", 1)[-1]
-    out: list[dict] = []
+    out: list[str] = []
     part: list[str] = []
 
     def flush() -> None:
@@ -298,7 +298,7 @@ def split(json_uri: str, records_prefix: str, chunk: int,
         for i, entry in enumerate(iter_json_array(f, json_uri)):
             line, rec = _unit_line(entry, i, origin)
             part.append(line + "\n")
-            out.append({"key": rec.key, "digest": None})
+            out.append(rec.key)
             if len(part) == chunk:
                 flush()
     if part:
@@ -345,11 +345,11 @@ class LlavaSource:
 
     def scan(self, uri: str, cfg: PreprocessConfig, scratch: str) -> Scan:
         sps = cfg.samples_per_shard
-        records = split(uri, scratch, sps, cfg.s3)
+        keys = split(uri, scratch, sps, cfg.s3)
         origin = uri.rsplit("/", 1)[-1]
         units = [{"chunk": c // sps, "first_index": c, "origin": origin,
-                  "num_records": min(sps, len(records) - c)} for c in range(0, len(records), sps)]
-        return Scan(keys=[r["key"] for r in records], digests=None, units=units)
+                  "num_records": min(sps, len(keys) - c)} for c in range(0, len(keys), sps)]
+        return Scan(keys=keys, digests=None, units=units)
 
     @staticmethod
     def _unit_file(unit: dict) -> str:

@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import psutil
+
+from tests.cluster.slurm_harness import job_id
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_SBATCH = REPO / "cluster/slurm/train.sbatch"
@@ -109,17 +112,35 @@ def submit_preprocess(slurm, work: Path, nodes: int, inputs: PreprocessInputs, *
     return job_id(res)
 
 
-def job_id(res) -> str:
-    """The job id ``sbatch --parsable`` printed."""
-    return res.stdout.strip().split(";")[0]
+def job_port(job: str, offset: int) -> int:
+    """The TCP port cluster/slurm/common.sh's ``vwlmm_job_port`` gives job ``job`` at
+    ``offset`` (1: a preprocessing job's Ray GCS, 2: its dashboard)."""
+    return 20000 + 10 * (int(job) % 1200) + offset
+
+
+def wait_while_running(slurm, job: str, done: Callable[[], bool], what: str, out: Path,
+                       timeout: float = 300) -> None:
+    """Poll ``done()`` until it holds while the job runs. Fails, cancelling the job, when the
+    job ends (is no longer pending or running) first or ``timeout`` s pass, with the tail of the
+    job's output file ``out``; ``what`` names the awaited event in that message."""
+    deadline = time.monotonic() + timeout
+    with slurm.cancelled_unless_ended(job):
+        while not done():
+            state = slurm.job_field(job, "JobState")
+            assert state in ("PENDING", "RUNNING"), \
+                f"job {job} is {state or 'gone'} before {what}:\n{read(out)[-5000:]}"
+            assert time.monotonic() < deadline, \
+                f"no {what} within {timeout:.0f} s:\n{read(out)[-5000:]}"
+            time.sleep(0.1)
 
 
 def read(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else f"<{path} missing>"
 
 
-def train_iterations(run_dir: Path) -> List[int]:
-    """Iterations in the order the trainer logged them to metrics.jsonl (resumes append)."""
+def train_records(run_dir: Path) -> List[dict]:
+    """The train records of metrics.jsonl in the order the trainer logged them (resumes append);
+    [] before the first, and a line being written right now is skipped."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
@@ -130,8 +151,13 @@ def train_iterations(run_dir: Path) -> List[int]:
         except json.JSONDecodeError:  # a line being written right now
             continue
         if rec.get("split") == "train":
-            out.append(rec["iteration"])
+            out.append(rec)
     return out
+
+
+def train_iterations(run_dir: Path) -> List[int]:
+    """Iterations in the order the trainer logged them to metrics.jsonl (resumes append)."""
+    return [rec["iteration"] for rec in train_records(run_dir)]
 
 
 def latest_checkpoint(run_dir: Path) -> str:

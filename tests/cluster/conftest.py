@@ -16,6 +16,27 @@ from tests.cluster.cluster_jobs import (PreprocessInputs, PreprocessRun, job_env
 from tests.cluster.slurm_harness import LocalSlurm, SlurmUnavailable, missing_prerequisites
 
 
+def _running(what: str, prefix: str, start, multi_node: bool = False):
+    """Yield the cluster ``start(root)`` brings up in a fresh /tmp directory, then stop it and
+    remove the directory. Skips (with the reason) where the machine cannot host it; fails when
+    it could but the cluster did not start."""
+    why = missing_prerequisites(multi_node=multi_node)
+    if why:
+        pytest.skip(why)
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        cluster = start(root)
+    except SlurmUnavailable as exc:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.fail(f"{what} did not start: {exc}")
+    for note in cluster.notes:
+        print(f"[{what}] {note}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
 
 @pytest.fixture(scope="session")
 def slurm():
@@ -24,22 +45,7 @@ def slurm():
     Lives in a fresh /tmp directory, not pytest's tmp_path: munged insists that its socket
     directory is world-searchable, and /tmp/pytest-of-<user> is 0700.
     """
-    why = missing_prerequisites()
-    if why:
-        pytest.skip(why)
-    root = Path(tempfile.mkdtemp(prefix="vwlmm-slurm-"))
-    try:
-        cluster = LocalSlurm.start(root)
-    except SlurmUnavailable as exc:
-        shutil.rmtree(root, ignore_errors=True)
-        pytest.fail(f"local Slurm did not start: {exc}")
-    for note in cluster.notes:
-        print(f"[local slurm] {note}")
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    yield from _running("local Slurm", "vwlmm-slurm-", LocalSlurm.start)
 
 
 @pytest.fixture(scope="session")
@@ -47,20 +53,8 @@ def slurm_lan():
     """A running Slurm with a controller and nodes node1, node2, each in its own network
     namespace on a private bridge (tests/cluster/netns.py); torn down (daemons by PID,
     namespaces, bridge) after the session."""
-    why = missing_prerequisites(multi_node=True)
-    if why:
-        pytest.skip(why)
-    root = Path(tempfile.mkdtemp(prefix="vwlmm-slurm-lan-"))
-    try:
-        cluster = LocalSlurm.start_on_lan(root, num_nodes=2)
-    except SlurmUnavailable as exc:
-        shutil.rmtree(root, ignore_errors=True)
-        pytest.fail(f"two-node Slurm did not start: {exc}")
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    yield from _running("two-node Slurm", "vwlmm-slurm-lan-",
+                        lambda root: LocalSlurm.start_on_lan(root, num_nodes=2), multi_node=True)
 
 
 @pytest.fixture(scope="session")

@@ -34,10 +34,10 @@ def _mark(unit: dict, event: str) -> None:
     tmp.rename(tmp.with_name(name))  # readers never see half a mark
 
 
-def located_process_unit(cfg_dict: dict, unit: dict, decisions: dict) -> dict:
+def located_process_unit(cfg_dict: dict, unit: dict) -> dict:
     _mark(unit, "start")
     time.sleep(float(os.environ.get(DELAY_ENV, "0")))
-    result = process_unit(cfg_dict, unit, decisions)
+    result = process_unit(cfg_dict, unit)
     _mark(unit, "end")
     return result
 

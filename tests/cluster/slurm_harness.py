@@ -335,7 +335,7 @@ class LocalSlurm:
         res = self.run_client(["sbatch", "--parsable", *args], env=env, cwd=cwd, timeout=60)
         if not wait or res.returncode != 0:
             return res
-        res.returncode = self.wait_job(res.stdout.strip().split(";")[0], timeout)
+        res.returncode = self.wait_job(job_id(res), timeout)
         return res
 
     def wait_job(self, job_id: str, timeout: float = 600) -> int:
@@ -380,6 +380,11 @@ class LocalSlurm:
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} state {state!r}, not in {list(states)} after "
                            f"{timeout:.0f}s")
+
+
+def job_id(res: subprocess.CompletedProcess) -> str:
+    """The job id ``sbatch --parsable`` printed."""
+    return res.stdout.strip().split(";")[0]
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -19,7 +19,6 @@ token.
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 import time
@@ -29,11 +28,11 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from tests.cluster.cluster_jobs import (job_env, job_id, latest_checkpoint, read,
+from tests.cluster.cluster_jobs import (job_env, job_port, latest_checkpoint, read,
                                        submit_preprocess, train_args, train_iterations,
-                                       write_train_dataset)
+                                       train_records, wait_while_running, write_train_dataset)
 from tests.cluster.located_preprocess import DELAY_ENV, MARKS_ENV, read_marks
-from tests.cluster.slurm_harness import JOB_ENDED
+from tests.cluster.slurm_harness import JOB_ENDED, job_id
 from tests.pipeline.launch import losses
 from tests.preprocessing.pp_checks import tree_digest
 
@@ -106,12 +105,6 @@ def node_label(slurm, node: str) -> str:
     return f"{node} ({slurm.nodes[node]}, lan0)"
 
 
-def train_records(run_dir: Path) -> List[dict]:
-    """Every train record of metrics.jsonl in order (a resumed run appends)."""
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-            if r["split"] == "train"]
-
-
 def assert_same_losses(records: List[dict], want: Dict[int, dict]) -> None:
     for rec in records:
         for key in COMPARED:
@@ -164,13 +157,11 @@ def test_dead_node_ends_the_job_in_bounded_time_and_resubmission_resumes(
     env = {"VWLMM_STEP_EXIT_WAIT": str(EXIT_WAIT)}
     run_dir = tmp_path / "run"
     first = submit_train(slurm_lan, dataset, run_dir, 2, 1, "torchrun", *sets, env=env)
-    deadline = time.monotonic() + 300
     with slurm_lan.cancelled_unless_ended(first.job):
-        while latest_checkpoint(run_dir) != "iter_0000003" or max(train_iterations(run_dir)) < 4:
-            assert time.monotonic() < deadline, "no step 4 in 300 s:\n" + read(first.out)
-            assert slurm_lan.job_field(first.job, "JobState") in ("PENDING", "RUNNING"), \
-                read(first.out)
-            time.sleep(0.1)
+        wait_while_running(
+            slurm_lan, first.job, lambda: latest_checkpoint(run_dir) == "iter_0000003"
+            and max(train_iterations(run_dir), default=0) >= 4, "step 4 after checkpoint 3",
+            first.out)
         bound = TIMEOUT_S + EXIT_WAIT + MARGIN
         try:
             killed_at = time.monotonic()
@@ -233,23 +224,19 @@ def test_ray_preprocess_on_two_nodes_survives_the_worker_and_matches_one_node(
     job = submit_preprocess(slurm_lan, tmp_path, 2, preprocess_inputs, env=job_env(
         VWLMM_PREPROCESS_CMD="python -m tests.cluster.located_preprocess",
         **{MARKS_ENV: str(tmp_path / "marks"), DELAY_ENV: "1.0"}, RAY_AUTH_TOKEN=FOREIGN_TOKEN))
-    jobs_api = f"http://{head}:{20000 + 10 * (int(job) % 1200) + 2}/api/jobs/"
+    jobs_api = f"http://{head}:{job_port(job, 2)}/api/jobs/"
 
     def on_worker(marks, event):
         return {m["unit"] for m in marks if m["node_ip"] == worker and m["event"] == event}
 
-    deadline = time.monotonic() + 300
+    def worker_done_one_and_runs_another() -> bool:
+        marks = read_marks(tmp_path / "marks")
+        return bool(on_worker(marks, "end") and on_worker(marks, "start") - on_worker(marks, "end"))
+
     with slurm_lan.cancelled_unless_ended(job):
-        # Wait for a unit finished on the worker and another one running there.
-        while True:
-            marks = read_marks(tmp_path / "marks")
-            if on_worker(marks, "end") and on_worker(marks, "start") - on_worker(marks, "end"):
-                break
-            assert time.monotonic() < deadline, read(tmp_path / "job.out")[-5000:]
-            assert slurm_lan.job_field(job, "JobState") in ("PENDING", "RUNNING"), (
-                "the job ended before the worker could be killed mid-unit:\n"
-                + read(tmp_path / "job.out")[-5000:])
-            time.sleep(0.1)
+        wait_while_running(slurm_lan, job, worker_done_one_and_runs_another,
+                           "unit running on the worker after one finished there",
+                           tmp_path / "job.out")
         killed_at = time.time()
         assert slurm_lan.kill_jobs_on("node2")  # its Ray worker node, mid-unit
         refused = {"no token": dashboard_answer(slurm_lan, jobs_api, None),

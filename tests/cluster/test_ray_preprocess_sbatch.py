@@ -6,7 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
-from tests.cluster.cluster_jobs import RAY_SBATCH, job_env, processes_mentioning, read
+from tests.cluster.cluster_jobs import RAY_SBATCH, job_env, job_port, processes_mentioning, read
+from tests.cluster.slurm_harness import job_id
+from vwlmm_data.contract import FORMATS
 
 
 def test_preprocessing_on_slurm_started_ray(one_node_preprocess, preprocess_inputs):
@@ -18,12 +20,13 @@ def test_preprocessing_on_slurm_started_ray(one_node_preprocess, preprocess_inpu
     manifest = json.loads((run.dataset / "manifest.json").read_text())
     assert preprocess_inputs.expected_ok > 0
     assert manifest["num_samples"] == preprocess_inputs.expected_ok, (manifest, out)
-    assert sum(s["num_samples"] for s in manifest["shards"]) in (
-        preprocess_inputs.expected_ok, 2 * preprocess_inputs.expected_ok)
+    for fmt in FORMATS:  # --format both: each format's shards hold every sample
+        assert sum(s["num_samples"] for s in manifest["shards"] if s["format"] == fmt) == \
+            preprocess_inputs.expected_ok, (fmt, manifest)
     # The job ran on the Ray cluster this Slurm job started (its job-id-derived GCS port), not
     # on a Ray it started itself.
-    gcs_port = 20000 + 10 * (int(job) % 1200) + 1
-    assert f"Connecting to existing Ray cluster at address: 127.0.0.1:{gcs_port}" in out, out
+    gcs = f"127.0.0.1:{job_port(job, 1)}"
+    assert f"Connecting to existing Ray cluster at address: {gcs}" in out, out
     assert f"vwlmm-preprocess-{job}-0: SUCCEEDED" in out, out
     # Teardown: no Ray process of this job survives, and its temp dir is gone after success.
     assert not processes_mentioning(f"/tmp/ray-vwlmm-{job}")
@@ -37,7 +40,7 @@ def test_failed_preprocessing_fails_the_job_and_stops_ray(slurm, tmp_path):
                         "--output", str(tmp_path / "out")],
                        env=job_env(), cwd=tmp_path, timeout=400)
     out = read(tmp_path / "job.out")
-    job = res.stdout.strip().split(";")[0]
+    job = job_id(res)
     assert res.returncode != 0, out
     assert f"vwlmm-preprocess-{job}-0: FAILED" in out, out
     assert not processes_mentioning(f"/tmp/ray-vwlmm-{job}"), out

@@ -6,13 +6,14 @@ rendezvous) and srun (one task per process). The tiny-cpu preset, shortened with
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.cluster.cluster_jobs import (job_env, latest_checkpoint, read, train_args,
-                                       train_iterations, write_train_dataset)
+                                       train_iterations, wait_while_running,
+                                       write_train_dataset)
+from tests.cluster.slurm_harness import job_id
 
 ITERS = 6
 
@@ -33,14 +34,9 @@ def test_preempted_run_checkpoints_and_next_submission_resumes(slurm, dataset, t
     first = slurm.sbatch(["--ntasks-per-node=2", f"--output={tmp_path}/first.out", *args],
                          wait=False, env=job_env(VWLMM_LAUNCHER="srun"), cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    job = first.stdout.strip().split(";")[0]
-    deadline = time.monotonic() + 240
-    while not train_iterations(run_dir) and time.monotonic() < deadline:
-        assert slurm.job_field(job, "JobState") in ("PENDING", "RUNNING"), read(
-            tmp_path / "first.out")
-        time.sleep(0.5)
-    assert train_iterations(run_dir), "no training step within 240 s:\n" + read(
-        tmp_path / "first.out")
+    job = job_id(first)
+    wait_while_running(slurm, job, lambda: bool(train_iterations(run_dir)), "training step",
+                       tmp_path / "first.out", timeout=240)
     assert slurm.run_client(["scancel", "--signal=TERM", job]).returncode == 0
     slurm.wait_job_state(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=180)
     out = read(tmp_path / "first.out")

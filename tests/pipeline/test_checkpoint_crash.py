@@ -152,7 +152,9 @@ def test_random_kills_during_repeated_saves(templates, tmp_path):
         rng = random.Random(seed)
         root = tmp_path / f"seed{seed}"
         done = 0
-        for _ in range(8):
+        # Progress per attempt depends on the machine's load (``duration`` is measured once):
+        # enough attempts that a loaded machine still finishes; every one is checked.
+        for _ in range(20):
             cmd = [sys.executable, "-m", "tests.pipeline.checkpoint_saver", str(root),
                    str(templates), "--run-id", "R", "--iterations",
                    ",".join(map(str, range(done + 1, TEMPLATES + 1)))]

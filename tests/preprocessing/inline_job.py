@@ -1,6 +1,7 @@
 """Whole preprocessing jobs in the test process: ``runner.run`` with its Ray replaced by an
-in-process stand-in, and tiny LLaVA inputs (tests/preprocessing/test_data_safety.py,
-test_hostile_records.py)."""
+in-process stand-in (``InlineRay``), and tiny LLaVA inputs (tests/preprocessing/
+test_data_safety.py, test_hostile_records.py, test_kill_resume.py, test_plan_jobs.py,
+test_source_registry.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,34 @@ from PIL import Image
 
 from preprocessing import runner
 from preprocessing.config import PreprocessConfig
-from tests.preprocessing.test_source_registry import InlineRay
+
+
+class _Ref:
+    def __init__(self, value):
+        self.value = value
+
+
+class InlineRay:
+    """The part of the Ray API the driver uses, running each task in this process."""
+
+    def remote(self, fn):
+        class Task:
+            def options(self, **_):
+                return self
+
+            def remote(self, *args):
+                return _Ref(fn(*args))
+
+        return Task()
+
+    def wait(self, refs, num_returns):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        return ref.value
+
+    def cluster_resources(self):
+        return {"CPU": 1}
 
 
 def jpeg(colour, size=(40, 30)) -> bytes:

@@ -29,7 +29,6 @@ def _files(root) -> dict[str, bytes]:
 def no_deletes(monkeypatch):
     """Records every delete that goes through storage (none may happen)."""
     calls = []
-    monkeypatch.setattr(storage, "remove_tree", lambda *a, **k: calls.append(("tree", a)))
     monkeypatch.setattr(storage, "remove_files", lambda *a, **k: calls.append(("files", a)))
     return calls
 

@@ -122,12 +122,12 @@ def _fixture_scans(demo, tmp_path):
         out["laion"].append(([r["key"] for r in recs], [r["digest"] for r in recs]))
     state = JobState(str(tmp_path / "llava-split"))
     for f, path in enumerate(demo.llava_json):
-        recs = llava.split(str(path), state.records_prefix(f), sps)
+        keys = llava.split(str(path), state.records_prefix(f), sps)
         digests = []
-        for c in range(-(-len(recs) // sps)):
+        for c in range(-(-len(keys) // sps)):
             digests += llava.digests(f"{state.records_prefix(f)}-{c:06d}.jsonl", c * sps,
                                      str(demo.image_root), path.name)
-        out["llava"].append(([r["key"] for r in recs], digests))
+        out["llava"].append((keys, digests))
     return out, sps
 
 

@@ -66,7 +66,7 @@ def test_storage_round_trip_on_s3(seaweed, monkeypatch, fresh_clients):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", seaweed["endpoint"])
     table = pa.ipc.open_file(storage.open_random_access(f"{root}/t.arrow")).read_all()
     assert table.column("x").to_pylist() == [7, 8]
-    storage.remove_tree(root, s3)
+    storage.remove_files(list(storage.list_prefix(root, s3)), s3)
     assert list(storage.list_prefix(root, s3)) == []
 
 

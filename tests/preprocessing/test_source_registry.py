@@ -3,20 +3,18 @@ touching the driver, the worker, the encoder or the config (the whole driver run
 
 from __future__ import annotations
 
-import io
 import json
-import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from preprocessing import runner, sources
+from preprocessing import sources
 from preprocessing.cli import build_parser
 from preprocessing.config import PreprocessConfig
 from preprocessing.sources import RawRecord, Scan, content_digest, make_key
 from preprocessing.templates import IMAGE_TAG, Turn
-from preprocessing.tokenizer import load_tokenizer, tokenizer_identity
+from preprocessing.tokenizer import load_tokenizer
+from tests.preprocessing.inline_job import jpeg, run_inline
 from tests.preprocessing.pp_checks import read_webdataset
 from vwlmm_data import storage
 from vwlmm_data.contract import IMAGE_TOKEN_ID
@@ -69,40 +67,6 @@ class CaptionLines:
         return ("spam", "caption says SPAM") if "SPAM" in rec.turns[1].text else None
 
 
-class _Ref:
-    def __init__(self, value):
-        self.value = value
-
-
-class InlineRay:
-    """The part of the Ray API the driver uses, running each task in this process."""
-
-    def remote(self, fn):
-        class Task:
-            def options(self, **_):
-                return self
-
-            def remote(self, *args):
-                return _Ref(fn(*args))
-
-        return Task()
-
-    def wait(self, refs, num_returns):
-        return refs[:num_returns], refs[num_returns:]
-
-    def get(self, ref):
-        return ref.value
-
-    def cluster_resources(self):
-        return {"CPU": 1}
-
-
-def _jpeg(colour) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (40, 30), colour).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
 def test_a_third_source_runs_through_the_unchanged_driver(tmp_path, tokenizer_dir, monkeypatch):
     monkeypatch.setattr(sources, "SOURCES", dict(sources.SOURCES))
     monkeypatch.setattr(sources, "_ALIASES", dict(sources._ALIASES))
@@ -110,7 +74,7 @@ def test_a_third_source_runs_through_the_unchanged_driver(tmp_path, tokenizer_di
     images = tmp_path / "img"
     images.mkdir()
     for name, colour in (("red", (200, 0, 0)), ("blue", (0, 0, 200))):
-        (images / f"{name}.jpg").write_bytes(_jpeg(colour))
+        (images / f"{name}.jpg").write_bytes(jpeg(colour))
     entries = [("a", "red", "A red square."), ("b", "blue", "A blue square."),
                ("c", "red", "A red square."),  # the same image and text as "a"
                ("d", "blue", "Buy SPAM now."), ("a", "blue", "Another a.")]  # "a" again: renamed
@@ -124,9 +88,7 @@ def test_a_third_source_runs_through_the_unchanged_driver(tmp_path, tokenizer_di
     with pytest.raises(ValueError, match="--source captions needs --image-root"):
         PreprocessConfig(source="captions", inputs=["x"], tokenizer=tokenizer_dir, output="o")
 
-    summary = runner._process(cfg, InlineRay(), runner._inputs(cfg),
-                              tokenizer_identity(tokenizer_dir), time.perf_counter())
-    manifest = summary.manifest
+    manifest = run_inline(monkeypatch, cfg).manifest
     assert (manifest.num_samples, manifest.rejected) == (3, {"duplicate": 1, "spam": 1})
     # units of records (a, b), (c, d), (a): the second is all rejected and leaves no shard
     assert [s.path for s in manifest.shards] == ["shard-000000.tar", "shard-000002.tar"]

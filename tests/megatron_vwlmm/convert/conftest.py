@@ -27,13 +27,13 @@ def make_llava_layout_dir(root: Path, name: str, llm_dir: Path, clip_dir: Path, 
     from safetensors.torch import save_file
 
     from megatron_vwlmm.convert.hf_io import read_hf_tensors
-    from megatron_vwlmm.convert.layouts import clip_vision_keys
+    from megatron_vwlmm.convert.layouts import vision_keys
 
     out = root / name
     out.mkdir()
     state = dict(read_hf_tensors(llm_dir))
     if tower:
-        for k, v in clip_vision_keys(read_hf_tensors(clip_dir)).items():
+        for k, v in vision_keys(read_hf_tensors(clip_dir)).items():
             state["model.vision_tower.vision_tower.vision_model." + k] = v
     state.update(torch.load(projector))
     if vm_head_seed is not None:

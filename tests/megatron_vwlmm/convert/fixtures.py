@@ -124,6 +124,41 @@ def hf_reference(llm_dir, vision_dir, projector_path, b):
         return llm(inputs_embeds=embeds).logits
 
 
+def hf_inputs(b, image_token_index: int = VOCAB) -> dict:
+    """llava-hf inputs of a batch: its image positions hold the image token."""
+    ids = b.tokens.clone()
+    ids[b.image_token_mask] = image_token_index
+    return dict(input_ids=ids, pixel_values=b.images, attention_mask=torch.ones_like(ids))
+
+
+def llava_export_outputs(export_dir: Path, b):
+    """(stock ``LlavaForConditionalGeneration`` logits over the text vocab, the visual-word
+    logits [images, patches, vocab], the visual-word KL) of an llava-hf export on batch ``b``.
+
+    The KL is the reference formula (``tests/megatron_vwlmm/reference_vwlmm.py``):
+    KLDivLoss(batchmean) of log_softmax of the shifted MM logits against softmax of the VM
+    logits at the image positions."""
+    import torch.nn.functional as F
+    from transformers import LlavaForConditionalGeneration
+
+    from megatron_vwlmm.convert.modeling_vwlmm import VWLMMForConditionalGeneration
+
+    stock = LlavaForConditionalGeneration.from_pretrained(
+        export_dir, attn_implementation="eager").eval()
+    model = VWLMMForConditionalGeneration.from_pretrained(
+        export_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = stock(**hf_inputs(b)).logits[..., :VOCAB]
+        mm = model(**hf_inputs(b)).logits[..., :model.text_vocab_size]
+        z = model.visual_word_logits(b.images)
+    vm = torch.zeros(*b.tokens.shape, VOCAB)
+    vm[b.image_token_mask] = z.reshape(-1, VOCAB)
+    shift_mask = b.image_token_mask[:, 1:]
+    kl = torch.nn.KLDivLoss(reduction="batchmean")(
+        F.log_softmax(mm[:, :-1][shift_mask], dim=-1), F.softmax(vm[:, 1:][shift_mask], dim=-1))
+    return logits, z, float(kl)
+
+
 def megatron_outputs(ckpt_dir: str, b, with_loss: bool = False, save_to: str | None = None):
     """On every rank of the current layout: load ``ckpt_dir`` (resharding), run the pipeline
     forward; returns the full-vocab logits (and lm/vm losses) on the last stage's TP rank 0."""

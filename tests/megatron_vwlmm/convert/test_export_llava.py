@@ -6,16 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-import torch.nn.functional as F
 
 from tests.megatron_vwlmm.convert import fixtures as fx
-
-
-def _hf_inputs(b, image_token_index):
-    ids = b.tokens.clone()
-    ids[b.image_token_mask] = image_token_index
-    return dict(input_ids=ids, pixel_values=b.images, attention_mask=torch.ones_like(ids))
 
 
 @pytest.fixture(scope="module")
@@ -38,35 +30,14 @@ def test_stock_transformers_loads_with_only_vm_head_extra(llava_export):
 
 
 def test_logits_and_visual_word_kl_match_megatron(llava_export, megatron_tp2pp2):
-    from transformers import LlavaForConditionalGeneration
-
-    from megatron_vwlmm.convert.modeling_vwlmm import VWLMMForConditionalGeneration
-
-    b = fx.batch()
-    stock = LlavaForConditionalGeneration.from_pretrained(
-        llava_export, attn_implementation="eager").eval()
-    with torch.no_grad():
-        logits = stock(**_hf_inputs(b, fx.VOCAB)).logits[..., :fx.VOCAB]
+    logits, _, kl = fx.llava_export_outputs(llava_export, fx.batch())
     ours = megatron_tp2pp2["logits"]
-    assert float((logits - ours).norm() / ours.norm()) <= 1e-5
-
-    model = VWLMMForConditionalGeneration.from_pretrained(
-        llava_export, attn_implementation="eager").eval()
-    with torch.no_grad():
-        mm = model(**_hf_inputs(b, fx.VOCAB)).logits[..., :model.text_vocab_size]
-        z = model.visual_word_logits(b.images)
-    vm = torch.zeros(*b.tokens.shape, fx.VOCAB)
-    vm[b.image_token_mask] = z.reshape(-1, fx.VOCAB)
-    # Reference formula (pengts/VW-LMM vw_llama.py): KLDivLoss(batchmean) of log_softmax of the
-    # shifted MM logits against softmax of the VM logits at image positions.
-    shift_mask = b.image_token_mask[:, 1:]
-    kl = torch.nn.KLDivLoss(reduction="batchmean")(
-        F.log_softmax(mm[:, :-1][shift_mask], dim=-1), F.softmax(vm[:, 1:][shift_mask], dim=-1))
     expected = float(megatron_tp2pp2["vm_loss"])
     print(f"llava-hf logits rel {float((logits - ours).norm() / ours.norm()):.2e}; "
-          f"KL {float(kl):.8f} vs megatron vm_loss {expected:.8f}")
+          f"KL {kl:.8f} vs megatron vm_loss {expected:.8f}")
+    assert float((logits - ours).norm() / ours.norm()) <= 1e-5
     assert expected > 1e-3
-    assert abs(float(kl) - expected) <= 1e-5 * expected, (float(kl), expected)
+    assert abs(kl - expected) <= 1e-5 * expected, (kl, expected)
 
 
 def test_generate_through_auto_processor(llava_export):

@@ -116,10 +116,10 @@ def test_export_holds_the_whole_vision_tower_and_tokenizer(trained, fmt, prefix)
     from transformers import AutoTokenizer
 
     from megatron_vwlmm.convert.hf_io import read_hf_tensors
-    from megatron_vwlmm.convert.layouts import clip_vision_keys
+    from megatron_vwlmm.convert.layouts import vision_keys
 
     root, _ = trained
-    source = clip_vision_keys(read_hf_tensors(root / "clip"))
+    source = vision_keys(read_hf_tensors(root / "clip"))
     exported = read_hf_tensors(root / fmt)
     vision = {k[len(prefix):]: exported[k] for k in exported if k.startswith(prefix)}
     assert set(vision) == set(source)

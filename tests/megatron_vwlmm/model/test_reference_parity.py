@@ -14,7 +14,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _parity(pif: bool) -> dict:
-    from megatron_vwlmm.convert.hf_configs import clip_vision_hf_config, llm_hf_config
+    from megatron_vwlmm.convert.hf_configs import llm_hf_config, vision_hf_config
     from megatron_vwlmm.convert.hf_mapping import megatron_to_hf
     from megatron_vwlmm.model import build_model
     from megatron_vwlmm.model.forward_step import forward_step
@@ -29,7 +29,7 @@ def _parity(pif: bool) -> dict:
     total, metrics = loss_func(output)
     total.backward()
 
-    reference = ReferenceVWLMM(clip_vision_hf_config(config), llm_hf_config(config), pif=pif)
+    reference = ReferenceVWLMM(vision_hf_config(config), llm_hf_config(config), pif=pif)
     reference.llm.config._attn_implementation = "eager"
     state = {k: v for k, v in model.state_dict().items() if "_extra_state" not in k}
     hf = megatron_to_hf(state, config)
