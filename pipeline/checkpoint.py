@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import shutil
-import signal
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +30,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_vwlmm.checkpoint import layout
+from megatron_vwlmm.checkpoint import fingerprint, layout, safe_read
 from megatron_vwlmm.checkpoint.layout import Marker, latest_checkpoint, list_checkpoints
 from megatron_vwlmm.checkpoint.metadata import (
     CONFIG_KEY,
     PROVENANCE_KEY,
+    TOKENIZER_KEY,
+    TRAIN_CONFIG_KEY,
     Provenance,
     config_to_dict,
 )
+from megatron_vwlmm.parallel import megatron_compat
+from vwlmm_data import hooks
 from pipeline.config import ConfigError
 
 
@@ -125,82 +127,6 @@ def _flat_model_sd(model_sd: Dict[str, Any]) -> Dict[str, Any]:
             for name, value in sd.items()}
 
 
-def install_checkpoint_queue() -> None:
-    """Give megatron's torch_dist writer an in-process results queue before its first save.
-
-    Left to itself, the writer creates that queue on the first save as a spawn-context
-    ``Manager`` server (``filesystem_async._get_write_results_queue``): a second process that
-    re-imports the trainer's main module (seconds of start-up per rank) and, when the trainer
-    is killed (OOM killer, preemption without grace, node fault), is orphaned holding the
-    launcher's stdout, so torchrun/srun never see EOF. The queue only has to cross processes
-    for asynchronous saves; ``CheckpointManager.save`` saves synchronously, where megatron runs
-    the writer in the calling process (``AsyncRequest.execute_sync``), which puts its results
-    here and reads them back before returning. A plain ``queue.Queue`` does that with no
-    process at all. (Were a save made asynchronous, its forked writer's results would not
-    reach this queue and megatron would fail the save: "results_queue should not be empty".)
-    """
-    import queue
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
-
-
-def _materialize_optimizer_state(optimizer) -> None:
-    """Give a never-stepped DistributedOptimizer its Adam state tensors before a load.
-
-    Without Apex/TE (CPU runs) megatron reads ``step`` out of the torch optimizer's per-param
-    state, which only exists after a first step; megatron's own helper runs one zero-gradient
-    step whose values the load then overwrites in place (weights are loaded after it).
-    """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if inner is not None and not inner.state and \
-                hasattr(opt, "_init_optimizer_states_with_dummy_values"):
-            opt._init_optimizer_states_with_dummy_values()
-
-
-def _load_optimizer(optimizer, state: Dict[str, Any]) -> None:
-    """``optimizer.load_state_dict`` plus two fixes for megatron-core without Apex/TE (CPU).
-
-    There torch's AdamW keeps a per-parameter ``step`` tensor that megatron (a) expects among
-    the reshardable per-parameter tensors, which it never saves (KeyError on load), and (b)
-    restores as *one* tensor shared by every parameter, which AdamW would then increment once
-    per parameter per step (wrong bias correction after resume). (a): the missing source is the
-    destination's own step; (b): each parameter gets its own copy afterwards.
-    """
-    optimizers = list(getattr(optimizer, "chained_optimizers", [optimizer]))
-    originals = []
-    for opt in optimizers:
-        setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
-        if setter is None:
-            originals.append(None)
-            continue
-
-        def patched(model_param, tensors, _opt=opt, _setter=setter):
-            group_index, group_order = _opt.model_param_group_index_map[model_param]
-            main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
-            own = _opt.optimizer.state.get(main_param, {})
-            if "step" in own and "step" not in tensors:
-                tensors = {**tensors, "step": own["step"]}
-            return _setter(model_param, tensors)
-
-        opt._set_main_param_and_optimizer_states = patched
-        originals.append(setter)
-    try:
-        optimizer.load_state_dict(state)
-    finally:
-        for opt, setter in zip(optimizers, originals):
-            if setter is not None:
-                del opt._set_main_param_and_optimizer_states
-    for opt in optimizers:
-        inner = getattr(opt, "optimizer", None)
-        for param_state in (inner.state.values() if inner is not None else []):
-            if isinstance(param_state.get("step"), torch.Tensor):
-                param_state["step"] = param_state["step"].clone()
-
-
 @contextlib.contextmanager
 def _staging_folder_expected() -> Iterator[None]:
     """Silence megatron's "Overwriting old incomplete / corrupted checkpoint" warning: the
@@ -218,9 +144,12 @@ def _staging_folder_expected() -> Iterator[None]:
         logger.removeFilter(drop)
 
 
-def plan_resume(root: Path, auto_resume: bool) -> Optional[Path]:
+def plan_resume(root: Path, auto_resume: bool, iteration: Optional[int] = None) -> Optional[Path]:
     """The checkpoint to resume from (None: a new run), or ConfigError for a folder whose
     state leaves it ambiguous. Reads only; call after ``layout.recover``.
+
+    ``iteration`` (``checkpoint.resume_iteration``) picks an older checkpoint than ``latest``,
+    e.g. when the newest one is damaged.
 
     A new run beside existing checkpoints needs ``checkpoint.auto_resume=false``; they are
     then never pruned by it (``layout.prune``), except that saving the same iteration replaces
@@ -228,6 +157,13 @@ def plan_resume(root: Path, auto_resume: bool) -> Optional[Path]:
     """
     latest = latest_checkpoint(root)
     existing = list_checkpoints(root)
+    if iteration is not None:
+        chosen = Path(root) / layout.checkpoint_name(iteration)
+        if chosen not in existing:
+            raise ConfigError(
+                f"checkpoint.resume_iteration={iteration}: {chosen} does not exist (checkpoints "
+                f"in {root}: {', '.join(p.name for p in existing) or 'none'})")
+        return chosen
     if auto_resume and latest is None and existing:
         raise ConfigError(
             f"checkpoint.dir={root}: holds checkpoints ({existing[0].name}..{existing[-1].name}) "
@@ -244,29 +180,41 @@ def plan_resume(root: Path, auto_resume: bool) -> Optional[Path]:
     return None
 
 
+def previous_checkpoint_hint(path: Path) -> str:
+    """The setting that resumes from the checkpoint before ``path`` (or what to do without one)."""
+    path = Path(path)
+    it = layout.iteration_of(path.name.split(".")[0])
+    older = [p for p in list_checkpoints(path.parent)
+             if it is not None and layout.iteration_of(p.name) < it]
+    if older:
+        return (f"to resume from the previous checkpoint instead, add --set "
+                f"checkpoint.resume_iteration={layout.iteration_of(older[-1].name)}")
+    return "no older checkpoint exists: set checkpoint.auto_resume=false to start anew"
+
+
 class CheckpointManager:
     """Save / load / prune checkpoints of one run; every rank calls every method."""
 
     def __init__(self, root: Path, keep_last: int, config_dict: Dict[str, Any],
-                 fault_kill_during_save: Optional[int] = None) -> None:
+                 tokenizer: Optional[Dict[str, Any]] = None) -> None:
         self.root = Path(root)
         self.keep_last = keep_last
         self.config_dict = config_dict
-        self.fault_kill_during_save = fault_kill_during_save
+        self.tokenizer = tokenizer  # the identity of the data's tokenizer (manifest)
         # The run's identity in the checkpoint markers (pruning stays within it); a resumed
         # run takes it from its checkpoint. Only rank 0 writes markers.
         self.run_id = uuid.uuid4().hex
         self.provenance = Provenance()
         self._vision_tail: Optional[Path] = None  # the file the next save copies
-        install_checkpoint_queue()
+        megatron_compat.install_checkpoint_queue()
 
-    def resume_point(self, auto_resume: bool) -> Optional[Path]:
+    def resume_point(self, auto_resume: bool, iteration: Optional[int] = None) -> Optional[Path]:
         """Finish what a killed save left (rank 0), then ``plan_resume``."""
         if _rank() == 0:
             for note in layout.recover(self.root):
                 print(f"[vwlmm-train] warning: {note}", flush=True)
         _barrier()
-        return plan_resume(self.root, auto_resume)
+        return plan_resume(self.root, auto_resume, iteration)
 
     # ---------------------------------------------------------------- save
     def save(self, state: TrainState, model_chunks, optimizer, scheduler) -> Path:
@@ -278,28 +226,30 @@ class CheckpointManager:
             layout.stage(self.root, Marker(self.run_id, state.iteration))
         _barrier()
         layout_now = current_layout()
+        prints = fingerprint.fingerprint(model_chunks, optimizer)
         model_sd = _model_sharded(model_chunks)
         sharded = dict(model_sd)
-        sharded["optimizer"] = optimizer.sharded_state_dict(
-            _flat_model_sd(model_sd),
-            metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+        with megatron_compat.fully_reshardable_offsets(optimizer):
+            sharded["optimizer"] = optimizer.sharded_state_dict(
+                _flat_model_sd(model_sd),
+                metadata={"distrib_optim_sharding_type": "fully_reshardable"})
         sharded["rng_state"] = _rng_object(layout_now)
         sharded["scheduler"] = scheduler.state_dict()
         sharded["train_state"] = {"iteration": state.iteration,
                                   "consumed_samples": state.consumed_samples}
         sharded["layout"] = layout_now
-        sharded["config"] = self.config_dict
+        sharded[TRAIN_CONFIG_KEY] = self.config_dict
         # The exact model config and where the weights came from: exports need no trainer code.
         sharded[CONFIG_KEY] = config_to_dict(_unwrap(model_chunks[0]).vwlmm_config)
         sharded[PROVENANCE_KEY] = self.provenance.to_dict()
+        sharded[TOKENIZER_KEY] = self.tokenizer
         with _staging_folder_expected():
             dist_checkpointing.save(sharded, str(tmp), sharded_strategy=("torch_dist", 1))
-        if self.fault_kill_during_save == state.iteration:
-            # Failure injection: the shard files exist but the save never committed.
-            os.kill(os.getpid(), signal.SIGKILL)
+        hooks.fire("checkpoint.written", iteration=state.iteration)  # shards on disk, uncommitted
         _barrier()
         final = self.root / layout.checkpoint_name(state.iteration)
         if _rank() == 0:
+            fingerprint.write(tmp, prints)
             if self._vision_tail is not None:
                 shutil.copyfile(self._vision_tail, tmp / layout.VISION_TAIL_FILE)
             layout.commit(self.root, tmp)
@@ -314,9 +264,11 @@ class CheckpointManager:
         """Restore into the current layout; ``optimizer=None`` loads weights only (init_from).
         Either way the checkpoint's provenance becomes the one later saves record."""
         from megatron.core import dist_checkpointing
+        # torch's distributed checkpoint reports a failed read as a BaseException.
+        from torch.distributed.checkpoint.api import CheckpointException
 
         path = layout.find_checkpoint(Path(path))
-        common = dist_checkpointing.load_common_state_dict(str(path))
+        common = safe_read.require_loadable(path)
         where = f"{path}/common.pt"
         self.provenance = Provenance.of(common, where)
         self._vision_tail = self.provenance.vision_tail_file(path)
@@ -329,18 +281,27 @@ class CheckpointManager:
         model_sd = _model_sharded(model_chunks)
         sharded: Dict[str, Any] = dict(model_sd)
         if optimizer is not None:
-            _materialize_optimizer_state(optimizer)
-            sharded["optimizer"] = optimizer.sharded_state_dict(
-                _flat_model_sd(model_sd), is_loading=True,
-                metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+            megatron_compat.materialize_optimizer_state(optimizer)
+            with megatron_compat.fully_reshardable_offsets(optimizer):
+                sharded["optimizer"] = optimizer.sharded_state_dict(
+                    _flat_model_sd(model_sd), is_loading=True,
+                    metadata={"distrib_optim_sharding_type": "fully_reshardable"})
             if same_layout:
                 sharded["rng_state"] = _rng_object(layout_now)
-        loaded = dist_checkpointing.load(sharded, str(path), sharded_strategy=None)
+        try:
+            loaded = dist_checkpointing.load(sharded, str(path), sharded_strategy=None)
+        except (Exception, CheckpointException) as exc:  # a damaged or truncated tensor file
+            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+            raise safe_read.CheckpointError(
+                f"{path}: could not be loaded ({type(exc).__name__}: {last[:300]})") from exc
         for key, chunk in zip(sorted(model_sd), model_chunks):
             _unwrap(chunk).load_state_dict(loaded[key])
         if optimizer is None:
+            fingerprint.verify(path, fingerprint.fingerprint(model_chunks), [fingerprint.MODEL])
             return TrainState()
-        _load_optimizer(optimizer, loaded["optimizer"])
+        megatron_compat.load_optimizer_state(optimizer, loaded["optimizer"])
+        fingerprint.verify(path, fingerprint.fingerprint(model_chunks, optimizer),
+                           [fingerprint.MODEL, fingerprint.OPTIMIZER])
         if scheduler is not None:
             scheduler.load_state_dict(common["scheduler"])
         if "rng_state" in loaded:

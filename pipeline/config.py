@@ -8,11 +8,12 @@ whether it is a path), so validation and ``--help`` read the same declaration. C
 the world size (batch divisibility by DP, model shape against TP/PP) live in
 :mod:`pipeline.validate` because they run once ``WORLD_SIZE`` is known.
 
-The ``model`` section mirrors ``VWLMMConfig`` (``megatron_vwlmm/model/config.py``): it is
-generated from that dataclass and its nested ``decoder`` / ``vision`` configs, so a field added
-to the model is settable (``model.vision.image_size=64``), type-checked and listed by ``--help``
-without an edit here. A model field left null keeps the preset's value;
-:func:`build_model_config` is the one place that turns the section into a ``VWLMMConfig``.
+The ``model`` section *is* the run's ``VWLMMConfig`` (``megatron_vwlmm/model/config.py``):
+:class:`ModelSection` extends it with the trainer's own keys (``preset``, ``vision_preset``,
+``init_from``). :func:`load_config` resolves it once: the preset, then the model fields the run
+sets (``--set model.decoder.num_layers=4``), each coerced to the model's declared type, then the
+precision flags. A field added to the model is settable, type-checked and listed by ``--help``
+without an edit here; ``cfg.model.vwlmm()`` is the plain model config the trainer builds.
 
 Paths (``run_dir``, ``checkpoint.dir``, ``data.path``, ``model.init_from``) have ``~`` expanded,
 which the shell does not do inside ``--set key=~/x``. Environment variables are not expanded:
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import difflib
 import math
 import os
 import re
@@ -33,7 +35,6 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import yaml
-from megatron.core.enums import Fp8Recipe
 
 from megatron_vwlmm.model import config as model_config
 
@@ -101,9 +102,16 @@ _TIMEOUT_MAX_S = datetime.timedelta.max.days * 86400
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ModelChoice:
-    """The trainer's own model keys: which preset to start from and where initial weights are."""
+# VWLMMConfig fields that another section owns: the run's precision sets them.
+_SET_BY_PRECISION = {"bf16": "precision.bf16", "fp8": "precision.fp8"}
+
+
+@dataclass(frozen=True)
+class ModelSection(model_config.VWLMMConfig):
+    """Which VW-LMM model to build: ``preset`` (+ ``vision_preset``) with every
+    ``VWLMMConfig`` field on top (``lambda_vm``, ``freeze_decoder``, ``decoder.num_layers``,
+    ``vision.image_size``...; one the run leaves out keeps the preset's value). ``bf16`` /
+    ``fp8`` come from the precision section."""
 
     preset: str = setting("tiny", choices=model_config.PRESETS)
     # None = the preset's default encoder (megatron_vwlmm/model/config.py, get_preset).
@@ -112,39 +120,18 @@ class ModelChoice:
     # output). Ignored when the run resumes from its own checkpoint.
     init_from: Optional[str] = setting(None, path=True)
 
-
-# VWLMMConfig fields that another section owns: the run's precision sets them.
-_SET_BY_PRECISION = {"bf16": "precision.bf16", "fp8": "precision.fp8"}
-_FROM_PRESET = "from_preset"  # field metadata key: the model type this override stands for
-
-
-def _preset_overrides(model_cls: type, name: str, base: Optional[type] = None,
-                     skip: Tuple[str, ...] = (), doc: Optional[str] = None) -> type:
-    """A dataclass with every field of ``model_cls`` as an optional override (None = keep the
-    preset's value); nested model dataclasses become nested sections, recursively."""
-    hints = typing.get_type_hints(model_cls)
-    specs = []
-    for f in dataclasses.fields(model_cls):
-        if f.name in skip:
-            continue
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            sub = _preset_overrides(tp, f"{name}{f.name.title()}")
-            specs.append((f.name, sub, field(default_factory=sub, metadata={_FROM_PRESET: tp})))
-        else:
-            specs.append((f.name, Optional[tp], field(default=None, metadata={_FROM_PRESET: tp})))
-    doc = doc or (f"Every ``{model_cls.__name__}`` field of ``megatron_vwlmm/model/config.py``; "
-                  "a field left None keeps the preset's value.")
-    return dataclasses.make_dataclass(name, specs, bases=(base,) if base else (),
-                                      namespace={"__module__": __name__, "__doc__": doc})
+    def vwlmm(self) -> model_config.VWLMMConfig:
+        """The model config alone (what models, checkpoints and exports record)."""
+        return model_config.VWLMMConfig(**{f.name: getattr(self, f.name)
+                                           for f in dataclasses.fields(model_config.VWLMMConfig)})
 
 
-ModelSection = _preset_overrides(
-    model_config.VWLMMConfig, "ModelSection", base=ModelChoice, skip=tuple(_SET_BY_PRECISION),
-    doc="Which VW-LMM model to build: ``preset`` (+ ``vision_preset``), then every "
-        "``VWLMMConfig`` field (``lambda_vm``, ``freeze_decoder``, ``decoder.num_layers``, "
-        "``vision.image_size``...); one left None keeps the preset's value. ``bf16``/``fp8`` "
-        "come from the precision section.")
+_CHOICE_KEYS = tuple(f.name for f in dataclasses.fields(ModelSection)
+                     if f.name not in {g.name for g in dataclasses.fields(model_config.VWLMMConfig)})
+
+
+def _default_model() -> ModelSection:
+    return resolve_model({}, PrecisionSection())
 
 
 @dataclass
@@ -173,7 +160,7 @@ class PrecisionSection:
 
     bf16: bool = False
     fp8: Optional[str] = setting(None, choices=(None, "hybrid", "e4m3"))
-    fp8_recipe: str = setting("delayed", choices=tuple(r.value for r in Fp8Recipe))
+    fp8_recipe: str = setting("delayed", choices=model_config.FP8_RECIPES)
 
 
 @dataclass
@@ -203,6 +190,9 @@ class DataSection:
     pad_token_id: int = setting(0, ge=0)  # an id of the vocabulary (checked against the model)
     # Expected dataset identity; a manifest that disagrees is refused (None = do not check).
     tokenizer: Optional[str] = None  # manifest tokenizer.name_or_path or tokenizer.sha256
+    # A checkpoint records the tokenizer of the data it was trained on; resuming it (or
+    # starting from it with model.init_from) on data of another tokenizer is refused unless set.
+    allow_tokenizer_change: bool = False
     template: Optional[str] = None
     # S3 access for s3:// paths (credentials come from the usual AWS env/config chain).
     s3_endpoint_url: Optional[str] = None
@@ -254,6 +244,9 @@ class CheckpointSection:
     save_interval: int = setting(0, ge=0)  # 0 = only at the end and on signals
     keep_last: int = setting(3, ge=1)
     auto_resume: bool = True
+    # Resume from iter_<N> of the checkpoint folder instead of `latest` (e.g. the newest one
+    # is damaged); None = latest.
+    resume_iteration: Optional[int] = setting(None, ge=1)
     save_on_signal: bool = True  # SIGTERM / SIGUSR1 (Slurm preemption) -> save and exit
 
 
@@ -267,16 +260,13 @@ class LoggingSection:
     peak_tflops_per_device: float = setting(0.0, ge=0)
     # Write the keys of the samples each DP rank trained on to <run_dir>/samples/ (audits, tests).
     record_sample_keys: bool = False
-
-
-@dataclass
-class FaultSection:
-    """Failure injection for tests of resume and crash safety (never set in real runs)."""
-
-    # SIGKILL self right after this step (and its save).
-    kill_after_step: Optional[int] = setting(None, ge=1)
-    # SIGKILL self midway through the save of this step.
-    kill_during_save: Optional[int] = setting(None, ge=1)
+    # Weights & Biases project to log the same scalars as TensorBoard to (None: no W&B;
+    # `pip install wandb`). wandb_mode "offline" writes <run_dir>/wandb without any network.
+    wandb_project: Optional[str] = None
+    wandb_mode: str = setting("online", choices=("online", "offline", "disabled"))
+    # Show every library warning (megatron-core's fallbacks, torch deprecations) instead of a
+    # one-line summary of the known ones.
+    verbose: bool = False
 
 
 @dataclass
@@ -284,7 +274,7 @@ class TrainConfig:
     """The whole run. ``run_dir`` receives checkpoints, TensorBoard events and metrics.jsonl."""
 
     run_dir: str = setting("runs/default", path=True)
-    model: ModelSection = field(default_factory=ModelSection)
+    model: ModelSection = field(default_factory=lambda: _default_model())
     parallel: ParallelSection = field(default_factory=ParallelSection)
     precision: PrecisionSection = field(default_factory=PrecisionSection)
     data: DataSection = field(default_factory=DataSection)
@@ -292,20 +282,33 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
-    fault: FaultSection = field(default_factory=FaultSection)
 
     def __post_init__(self) -> None:
         for _, section, f, value in _leaves(self):
             if f.metadata.get("path") and isinstance(value, str):
-                setattr(section, f.name, os.path.expanduser(value))
+                object.__setattr__(section, f.name, os.path.expanduser(value))
         check_static(self)
+
+    def runtime(self) -> model_config.RuntimeOptions:
+        """How this run executes the model (never saved with the weights)."""
+        p = self.parallel
+        return model_config.RuntimeOptions(
+            recompute_granularity=p.recompute_granularity, recompute_method=p.recompute_method,
+            recompute_num_layers=p.recompute_num_layers,
+            virtual_pipeline_model_parallel_size=p.vpp, sequence_parallel=p.sequence_parallel,
+            fp8_recipe=self.precision.fp8_recipe if self.precision.fp8 else None,
+            calculate_per_token_loss=self.optim.loss_normalization == "per_token")
 
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir or Path(self.run_dir) / "checkpoints")
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every key of the run, the model's fields spelled out (reloads to the same run)."""
+        raw = dataclasses.asdict(self)
+        for name in _SET_BY_PRECISION:
+            del raw["model"][name]
+        return raw
 
 
 def _leaves(obj: Any, prefix: str = "") -> Iterator[Tuple[str, Any, dataclasses.Field, Any]]:
@@ -330,7 +333,8 @@ def check_static(cfg: TrainConfig) -> None:
     for key, _, f, value in _leaves(cfg):
         choices = f.metadata.get("choices")
         if choices is not None and value not in choices:
-            raise ConfigError(f"{key}={value!r}: must be one of {list(choices)}")
+            raise ConfigError(f"{key}={value!r}: must be one of {list(choices)}"
+                              + _did_you_mean(value, choices, lead="; ", ending=""))
         bounds = f.metadata.get("bounds")
         if bounds is not None and value is not None and not bounds.admits(value):
             raise ConfigError(f"{key}={value!r}: {bounds}")
@@ -343,8 +347,10 @@ def check_static(cfg: TrainConfig) -> None:
                           f"({cfg.optim.lr!r})")
     decay = cfg.optim.decay_iters or cfg.train.train_iters
     if warmup_iters(cfg) >= decay and cfg.optim.decay_style != "constant":
-        raise ConfigError(f"optim.warmup_iters={warmup_iters(cfg)}: must be smaller than the decay "
-                          f"length ({decay} iterations)")
+        raise ConfigError(
+            f"optim.warmup_iters={warmup_iters(cfg)}: must be smaller than the decay length "
+            f"({decay} iterations); set --set optim.warmup_iters={max(decay - 1, 0)} (or less), "
+            f"or raise train.train_iters / optim.decay_iters above {warmup_iters(cfg)}")
     if cfg.precision.fp8 is not None and not cfg.precision.bf16:
         raise ConfigError(f"precision.fp8={cfg.precision.fp8!r}: FP8 training keeps bf16 master "
                           "activations; set precision.bf16=true as well")
@@ -354,10 +360,9 @@ def check_static(cfg: TrainConfig) -> None:
     endpoint = cfg.data.s3_endpoint_url
     if endpoint is not None and not re.match(r"https?://[^/\s]+", endpoint):
         raise ConfigError(f"data.s3_endpoint_url={endpoint!r}: expected http(s)://host[:port]")
-    model = build_model_config(cfg)
-    if cfg.data.pad_token_id >= model.decoder.vocab_size:
+    if cfg.data.pad_token_id >= cfg.model.decoder.vocab_size:
         raise ConfigError(f"data.pad_token_id={cfg.data.pad_token_id}: must be a token id below "
-                          f"the model's decoder.vocab_size ({model.decoder.vocab_size})")
+                          f"the model's decoder.vocab_size ({cfg.model.decoder.vocab_size})")
 
 
 def warmup_iters(cfg: TrainConfig) -> int:
@@ -371,45 +376,60 @@ def warmup_iters(cfg: TrainConfig) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def build_model_config(cfg: TrainConfig) -> model_config.VWLMMConfig:
-    """The ``VWLMMConfig`` of this run: ``model.preset`` (+ ``model.vision_preset``), the model
-    fields the run sets, and the precision flags. Whatever needs a run's model calls this, so
-    the preset-plus-fields rule lives in one place."""
-    changes = dict(_model_changes(cfg.model))
-    changes.update({name: _get(cfg, key) for name, key in _SET_BY_PRECISION.items()})
+def resolve_model(raw: Mapping[str, Any], precision: PrecisionSection) -> ModelSection:
+    """The run's model: ``raw``'s preset, its model fields coerced to the declared types and
+    set on top, and the precision flags. Raises :class:`ConfigError` naming the field."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"model={raw!r}: expected a mapping of model fields")
+    hints = typing.get_type_hints(ModelSection)
+    choice = {k: _coerce(hints[k], raw[k], f"model.{k}") for k in _CHOICE_KEYS if k in raw}
+    for key in ("preset", "vision_preset"):
+        choices = dict((f.name, f) for f in dataclasses.fields(ModelSection))[key].metadata[
+            "choices"]
+        if key in choice and choice[key] not in choices:
+            raise ConfigError(f"model.{key}={choice[key]!r}: must be one of {list(choices)}"
+                              + _did_you_mean(choice[key], choices, lead="; ", ending=""))
+    changes = dict(_model_fields(model_config.VWLMMConfig,
+                                 {k: v for k, v in raw.items() if k not in _CHOICE_KEYS}, ""))
+    changes.update(bf16=precision.bf16, fp8=precision.fp8)
+    preset_name = choice.get("preset", "tiny")
     try:
-        preset = model_config.get_preset(cfg.model.preset, vision=cfg.model.vision_preset)
-        return model_config.replace(preset, **changes)
+        preset = model_config.get_preset(preset_name, vision=choice.get("vision_preset"))
+        resolved = model_config.replace(preset, **changes)
     except ValueError as exc:
         # The model's errors start with the field they are about ("decoder.num_layers: ...").
         field_name, _, why = str(exc).partition(": ")
         key = _SET_BY_PRECISION.get(field_name, f"model.{field_name}")
         if not why:
             key, why = "model", str(exc)
-        raise ConfigError(f"{key}: {why} (preset {cfg.model.preset!r})") from exc
+        raise ConfigError(f"{key}: {why} (preset {preset_name!r})") from exc
+    return ModelSection(**{f.name: getattr(resolved, f.name)
+                           for f in dataclasses.fields(model_config.VWLMMConfig)}, **choice)
 
 
-def with_model_fields(cfg: TrainConfig) -> TrainConfig:
-    """A copy of ``cfg`` whose model section spells out every field of the model it builds, so
-    the config reads (and reloads to the same model) without looking up the preset."""
-    raw = cfg.to_dict()
-    model = dataclasses.asdict(build_model_config(cfg))
-    for name in _SET_BY_PRECISION:
-        del model[name]
-    raw["model"].update(model)
-    return train_config_from_dict(raw)
-
-
-def _model_changes(section: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
-    """The model fields a run sets (not None), as the dotted keys ``model_config.replace`` takes."""
-    for f in dataclasses.fields(section):
-        if _FROM_PRESET not in f.metadata:
-            continue
-        value = getattr(section, f.name)
-        if dataclasses.is_dataclass(value):
-            yield from _model_changes(value, f"{prefix}{f.name}.")
+def _model_fields(cls: type, raw: Any, prefix: str) -> Iterator[Tuple[str, Any]]:
+    """(dotted field name, coerced value) of every model field in ``raw`` (a sub-mapping of
+    the ``model`` section), checked against the model dataclass ``cls``."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"model.{prefix.rstrip('.')}={raw!r}: expected a mapping of "
+                          f"{cls.__name__} fields")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key, value in raw.items():
+        dotted = f"model.{prefix}{key}"
+        if key not in names or (not prefix and key in _SET_BY_PRECISION):
+            known = sorted(set(names + list(_CHOICE_KEYS * (not prefix)))
+                           - set(_SET_BY_PRECISION))
+            hint = _ELSEWHERE.get(dotted, _did_you_mean(key, known, f"model.{prefix}")
+                                  + "known: " + ", ".join(known))
+            raise ConfigError(f"{dotted}: unknown key; {hint}")
+        if dataclasses.is_dataclass(hints[key]):
+            if isinstance(value, str) and dotted == "model.vision":
+                raise ConfigError(f"model.vision={value!r}: the vision encoder preset is "
+                                  "model.vision_preset; model.vision holds VisionConfig fields")
+            yield from _model_fields(hints[key], value or {}, f"{prefix}{key}.")
         elif value is not None:
-            yield f"{prefix}{f.name}", value
+            yield f"{prefix}{key}", _coerce(hints[key], value, dotted)
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,7 +470,13 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
 def train_config_from_dict(raw: Mapping[str, Any]) -> TrainConfig:
     """A :class:`TrainConfig` from its :meth:`TrainConfig.to_dict` form (a YAML file, the run
     config stored in a checkpoint), coerced and validated; raises :class:`ConfigError`."""
-    return from_dict(TrainConfig, raw, prefix="")
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"<root>={raw!r}: expected a mapping of TrainConfig fields")
+    sections = dict(raw)
+    model_raw = sections.pop("model", None) or {}
+    precision = from_dict(PrecisionSection, sections.get("precision") or {}, "precision.")
+    sections["model"] = resolve_model(model_raw, precision)
+    return from_dict(TrainConfig, sections, prefix="")
 
 
 def _yaml_problem(exc: Exception) -> str:
@@ -480,6 +506,15 @@ _ELSEWHERE = {
 }
 
 
+def _did_you_mean(word: Any, candidates, prefix: str = "", lead: str = "",
+                  ending: str = " ") -> str:
+    """``"did you mean <prefix>x? "`` for the closest candidate, or nothing."""
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word, [c for c in candidates if isinstance(c, str)], n=1)
+    return f"{lead}did you mean {prefix}{close[0]}?{ending}" if close else ""
+
+
 def from_dict(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
     """Recursively build dataclass ``cls`` from ``raw``, coercing scalars to the declared types."""
     if not isinstance(raw, Mapping):
@@ -489,17 +524,17 @@ def from_dict(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in names:
-            hint = _ELSEWHERE.get(f"{prefix}{key}", f"known: {', '.join(sorted(names))}")
+            hint = _ELSEWHERE.get(f"{prefix}{key}", _did_you_mean(key, names, prefix)
+                                  + f"known: {', '.join(sorted(names))}")
             raise ConfigError(f"{prefix}{key}: unknown key; {hint}")
     kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in raw.items()}
     return cls(**kwargs)
 
 
 def _coerce(tp: Any, value: Any, name: str) -> Any:
+    if isinstance(value, ModelSection):
+        return value  # resolved by resolve_model
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, str) and name == "model.vision":
-            raise ConfigError(f"model.vision={value!r}: the vision encoder preset is "
-                              "model.vision_preset; model.vision holds VisionConfig fields")
         return from_dict(tp, {} if value is None else value, prefix=name + ".")
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         if value is None:
@@ -577,12 +612,18 @@ def _get(cfg: Any, path: str) -> Any:
 def describe_fields() -> str:
     """Every configurable key with its type and default (or what it accepts), for ``--help``."""
     lines = []
-    for key, section, f, default in _leaves(TrainConfig()):
-        model_type = f.metadata.get(_FROM_PRESET)
-        if model_type is not None:
-            line = f"  {key}: {_type_name(model_type)} = <preset>"
+    # The model section's own keys (preset, vision_preset, init_from) before its fields.
+    leaves = list(_leaves(TrainConfig()))
+    choices = [leaf for leaf in leaves if leaf[0] in {f"model.{k}" for k in _CHOICE_KEYS}]
+    rest = [leaf for leaf in leaves if leaf not in choices]
+    first_model = next(i for i, leaf in enumerate(rest) if leaf[0].startswith("model."))
+    for key, section, f, default in rest[:first_model] + choices + rest[first_model:]:
+        declared = typing.get_type_hints(type(section))[f.name]
+        if key.startswith("model.") and key.removeprefix("model.") in _SET_BY_PRECISION:
+            continue
+        if key.startswith("model.") and key.removeprefix("model.") not in _CHOICE_KEYS:
+            line = f"  {key}: {_type_name(declared)} = <preset>"
         else:
-            declared = typing.get_type_hints(type(section))[f.name]
             line = f"  {key}: {_type_name(declared)} = {default!r}"
         if "choices" in f.metadata:
             line += f"  (one of {', '.join(repr(c) for c in f.metadata['choices'])})"

@@ -158,6 +158,9 @@ def main(argv=None) -> None:
                         help="output folder (default: ./demo_out)")
     parser.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
     args = parser.parse_args(argv)
+    from megatron_vwlmm.parallel.megatron_compat import quiet_known_warnings
+
+    quiet_known_warnings()  # for the export step, which runs megatron in this process
     t0 = time.time()
     out = args.out.resolve()
     claim_out(out)

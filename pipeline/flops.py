@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from megatron_vwlmm.vision import get_encoder_kind
+from vwlmm_data.encoders import get_encoder_kind
 
 
 def decoder_forward_flops(cfg: Any, num_positions: int,

@@ -30,10 +30,11 @@ def plot(run_dir: Path, out: Path) -> Path:
 
     records = read_metrics(run_dir)
     train = {}
-    for r in records:  # a resumed run re-logs nothing, but keep the last value per iteration
+    for r in records:  # a resumed run re-logs the iterations after its checkpoint: keep the last
         if r.get("split") == "train":
             train[r["iteration"]] = r
-    valid = [r for r in records if r.get("split") == "valid"]
+    # The last validation record of each iteration too (a resumed run logs them again).
+    valid = list({r["iteration"]: r for r in records if r.get("split") == "valid"}.values())
     iters = sorted(train)
     # Two panels: the KL (vm_loss) is orders of magnitude below the CE and would look flat on
     # a shared axis, so it gets its own log-scale panel.

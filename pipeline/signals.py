@@ -1,8 +1,10 @@
-"""Graceful preemption: SIGTERM / SIGUSR1 ask the loop to checkpoint and exit at a step boundary.
+"""Graceful stop: SIGTERM / SIGUSR1 / SIGINT ask the loop to checkpoint and exit at a step
+boundary.
 
 Slurm sends SIGTERM (or the ``--signal=USR1@T`` signal) to every task before killing a job;
-torchrun forwards SIGTERM to its workers. The handler only sets a flag; the loop all-reduces it
-so every rank saves the same step together even if only some ranks got the signal.
+torchrun forwards SIGTERM to its workers; Ctrl-C sends SIGINT to the whole process group. The
+handler only sets a flag; the loop all-reduces it so every rank saves the same step together
+even if only some ranks got the signal. A second SIGINT stops at once (Python's default).
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ class PreemptionFlag:
         self.received: Optional[int] = None
         self._previous = {}
         if enabled:
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
+            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
         self.received = signum
 
     def any_rank_received(self) -> bool:

@@ -7,9 +7,9 @@ in seconds with one message naming the field rather than deep inside megatron-co
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, List
+from typing import Any, List, Mapping, Optional
 
-from pipeline.config import ConfigError, TrainConfig, build_model_config
+from pipeline.config import ConfigError, TrainConfig
 from vwlmm_data import contract
 from vwlmm_data.contract import Manifest, ShardInfo, VisionInfo
 from vwlmm_data.storage import S3Options
@@ -43,7 +43,7 @@ def check_fp8_available(cfg: TrainConfig) -> None:
     if importlib.util.find_spec("transformer_engine") is None:
         raise ConfigError(f"precision.fp8={cfg.precision.fp8!r}: FP8 needs Transformer Engine, "
                           "which is not installed (pip install -e .[gpu]); unset precision.fp8")
-    if build_model_config(cfg).transformer_impl == "local":
+    if cfg.model.transformer_impl == "local":
         raise ConfigError("precision.fp8: needs model.transformer_impl "
                           "'transformer_engine' or 'auto', not 'local'")
 
@@ -100,7 +100,10 @@ def check_manifest(manifest: Manifest, model_cfg: Any, cfg: TrainConfig) -> None
                           f"{manifest.template!r}")
     if manifest.image_size != model_cfg.vision.image_size:
         raise ConfigError(f"model vision.image_size={model_cfg.vision.image_size}: {where} has "
-                          f"images of size {manifest.image_size}")
+                          f"images of size {manifest.image_size}; preprocess for this model with "
+                          f"vwlmm-preprocess ... --image-size {model_cfg.vision.image_size} "
+                          f"--patch-size {model_cfg.vision.patch_size}, or set "
+                          f"model.vision.image_size={manifest.image_size}")
     want_vision = VisionInfo.of(model_cfg.vision.kind)
     got = manifest.vision
     if (got.encoder, got.image_mean, got.image_std) != \
@@ -112,7 +115,8 @@ def check_manifest(manifest: Manifest, model_cfg: Any, cfg: TrainConfig) -> None
     if manifest.num_patches_per_image != model_cfg.num_patches:
         raise ConfigError(f"model num_patches={model_cfg.num_patches}: {where} counted "
                           f"{manifest.num_patches_per_image} patches per image (num_tokens would "
-                          "be wrong)")
+                          "be wrong); preprocess with vwlmm-preprocess ... --patch-size "
+                          f"{model_cfg.vision.patch_size}")
     if tok.vocab_size > model_cfg.decoder.vocab_size:
         raise ConfigError(f"model decoder.vocab_size={model_cfg.decoder.vocab_size}: smaller than "
                           f"the dataset tokenizer's vocab_size {tok.vocab_size} in {where}")
@@ -120,7 +124,10 @@ def check_manifest(manifest: Manifest, model_cfg: Any, cfg: TrainConfig) -> None
     longest = manifest.statistics.max_tokens
     if longest > model_cfg.decoder.seq_length:
         raise ConfigError(f"model decoder.seq_length={model_cfg.decoder.seq_length}: {where} holds "
-                          f"samples of up to {longest} tokens (after image splicing)")
+                          f"samples of up to {longest} tokens (after image splicing); set "
+                          f"model.decoder.seq_length={longest} or more, or preprocess with "
+                          f"vwlmm-preprocess ... --max-seq-len {model_cfg.decoder.seq_length} "
+                          "--overlong truncate")
     if manifest.image_token_id != model_cfg.image_token_id:
         raise ConfigError(f"model image_token_id={model_cfg.image_token_id}: {where} uses "
                           f"{manifest.image_token_id}")
@@ -136,26 +143,91 @@ _SHAPE_FIELDS = {
 }
 
 
-def check_init_from(model_cfg: Any, cfg: TrainConfig) -> None:
+def _shape_differences(run: Any, saved: Any) -> List[str]:
+    return [
+        f"{group}.{name}: run {getattr(getattr(run, group), name)!r} vs checkpoint "
+        f"{getattr(getattr(saved, group), name)!r}"
+        for group, names in _SHAPE_FIELDS.items() for name in names
+        if getattr(getattr(run, group), name) != getattr(getattr(saved, group), name)]
+
+
+def _check_tokenizer(common: Mapping[str, Any], manifest: Manifest, where: str,
+                     cfg: TrainConfig) -> None:
+    """The data's tokenizer must be the one the checkpoint's weights were trained on."""
+    from megatron_vwlmm.checkpoint.metadata import TOKENIZER_KEY
+
+    saved = common.get(TOKENIZER_KEY)
+    tok = manifest.tokenizer
+    if not saved or cfg.data.allow_tokenizer_change or saved.get("sha256") == tok.sha256:
+        return
+    raise ConfigError(
+        f"{where} was trained on data of tokenizer {saved.get('name_or_path')!r} (sha256 "
+        f"{saved.get('sha256')}), but {cfg.data.path}/manifest.json was tokenized with "
+        f"{tok.name_or_path!r} (sha256 {tok.sha256}): the same ids would mean other words. "
+        "Preprocess the data with the checkpoint's tokenizer, or add --set "
+        "data.allow_tokenizer_change=true if the change is deliberate")
+
+
+def check_init_from(model_cfg: Any, cfg: TrainConfig, manifest: Optional[Manifest] = None) \
+        -> None:
     """``model.init_from`` must hold a model of this run's shape (e.g. the HF import of the
-    LLM the preset names); say which fields differ rather than failing inside a load."""
+    LLM the preset names), trained (if by vwlmm) on the data's tokenizer; say which fields
+    differ rather than failing inside a load."""
     if not cfg.model.init_from:
         return
+    from megatron_vwlmm.checkpoint.safe_read import CheckpointError, read_common
     from megatron_vwlmm.convert.errors import IncompleteCheckpointError
     from megatron_vwlmm.convert.megatron_io import resolve_checkpoint
 
     try:
         source = resolve_checkpoint(cfg.model.init_from)
-    except IncompleteCheckpointError as exc:
+        common = read_common(source.path)
+    except (IncompleteCheckpointError, CheckpointError) as exc:
         raise ConfigError(f"model.init_from={cfg.model.init_from!r}: {exc}") from exc
-    differing = [
-        f"{group}.{name}: run {getattr(getattr(model_cfg, group), name)!r} vs checkpoint "
-        f"{getattr(getattr(source.config, group), name)!r}"
-        for group, names in _SHAPE_FIELDS.items() for name in names
-        if getattr(getattr(model_cfg, group), name) != getattr(getattr(source.config, group), name)
-    ]
+    differing = _shape_differences(model_cfg, source.config)
     if differing:
         raise ConfigError(
             f"model.init_from={cfg.model.init_from!r} holds a different model than preset "
             f"{cfg.model.preset!r} with the run's model fields: " + "; ".join(differing)
             + " (set model.preset / model.decoder.* / model.vision.* to match the imported model)")
+    if manifest is not None:
+        _check_tokenizer(common, manifest, f"model.init_from={cfg.model.init_from!r}", cfg)
+
+
+def check_resume(cfg: TrainConfig, model_cfg: Any, manifest: Manifest) -> None:
+    """The checkpoint a run would resume from holds the run's model, trained on the data's
+    tokenizer, and is loadable: one line naming what differs, before megatron loads anything.
+    (Reads only; the trainer repeats the choice after finishing a killed save.)"""
+    from megatron_vwlmm.checkpoint.layout import checkpoint_name, latest_checkpoint
+    from megatron_vwlmm.checkpoint.metadata import TRAIN_CONFIG_KEY, model_config_of
+    from megatron_vwlmm.checkpoint.safe_read import CheckpointError, require_loadable
+    from pipeline.checkpoint import previous_checkpoint_hint
+
+    root, c = cfg.checkpoint_dir, cfg.checkpoint
+    try:
+        path = root / checkpoint_name(c.resume_iteration) if c.resume_iteration else \
+            latest_checkpoint(root) if c.auto_resume else None
+    except FileNotFoundError as exc:
+        raise ConfigError(f"checkpoint.dir={root}: {exc}") from None
+    if path is None or not path.is_dir():
+        return  # a new run, or a missing resume_iteration (named by the trainer)
+    try:
+        common = require_loadable(path)
+        saved = model_config_of(common, f"{path}/common.pt")
+    except (CheckpointError, ValueError) as exc:
+        raise ConfigError(f"{exc}; {previous_checkpoint_hint(path)}") from None
+    differing = _shape_differences(model_cfg, saved)
+    if differing:
+        raise ConfigError(
+            f"{path} holds another model than this run's (preset {cfg.model.preset!r} and "
+            "its model fields): " + "; ".join(differing) + ". Resume it with the model it was "
+            "trained with, or start a new run with another run_dir or checkpoint.dir")
+    saved_distopt = ((common.get(TRAIN_CONFIG_KEY) or {}).get("parallel") or {}).get(
+        "use_distributed_optimizer")
+    if saved_distopt is not None and saved_distopt != cfg.parallel.use_distributed_optimizer:
+        raise ConfigError(
+            f"parallel.use_distributed_optimizer={cfg.parallel.use_distributed_optimizer}: "
+            f"{path} holds the optimizer state of use_distributed_optimizer={saved_distopt}, "
+            "which megatron cannot load into the other optimizer; resume with "
+            f"--set parallel.use_distributed_optimizer={str(saved_distopt).lower()}")
+    _check_tokenizer(common, manifest, str(path), cfg)

@@ -11,10 +11,11 @@ import logging
 import os
 import sys
 
-from megatron_vwlmm.vision.encoders import ENCODER_KINDS
 from preprocessing.config import (IMAGE_MODES, OUTPUT_FORMATS, OVERLONG, TEMPLATES,
                                   TOKENIZER_BACKENDS, PreprocessConfig)
-from preprocessing.sources import SOURCES, source_choices
+from preprocessing.sources import SOURCES, option_owners, source_choices
+from preprocessing.sources.options import add_flags
+from vwlmm_data.encoders import ENCODER_KINDS
 
 EPILOG = """\
 examples:
@@ -136,12 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="reject images whose short side is smaller (default %(default)s)")
     im.add_argument("--max-aspect-ratio", type=_float_or_none, default=None,
                     help="reject images with long/short side above this (default off)")
-    fl = p.add_argument_group("LAION filters (off unless given)")
-    fl.add_argument("--max-punsafe", type=float, help="reject punsafe above this, e.g. 0.5")
-    fl.add_argument("--max-pwatermark", type=float, help="reject pwatermark above this, e.g. 0.8")
-    fl.add_argument("--min-similarity", type=float, help="reject CLIP similarity below this, e.g. 0.28")
-    fl.add_argument("--min-caption-chars", type=int, default=1, help="default %(default)s")
-    fl.add_argument("--max-caption-chars", type=int, help="default off")
     rt = p.add_argument_group("runtime")
     rt.add_argument("--num-workers", type=int,
                     help="concurrent Ray tasks (default: the cluster's CPUs); never changes the output")
@@ -157,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--max-in-flight", type=int, metavar="K",
                     help="Ray tasks submitted at once (default: 2 x workers); bounds scheduler "
                          "and driver memory on jobs of millions of units; never changes the output")
+    add_flags(p, SOURCES.values())
     return p
 
 
@@ -171,6 +167,7 @@ def config_from_args(argv: list[str] | None = None) -> PreprocessConfig:
     args = build_parser().parse_args(argv)
     kwargs = vars(args)
     kwargs["inputs"] = [_absolute(p) for p in kwargs.pop("input")]
+    kwargs["source_options"] = {k: kwargs.pop(k) for k in option_owners() if k in kwargs}
     for name in ("image_root", "tokenizer", "output"):
         kwargs[name] = _absolute(kwargs[name])
     return PreprocessConfig(**kwargs)
@@ -206,10 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vwlmm-preprocess: error: {exc}", file=sys.stderr)
         return 2
     from preprocessing.runner import run
+    from preprocessing.scheduling import TaskFailed
+    from vwlmm_data.run_lock import RunLockHeld
 
     try:
         run(cfg)
-    except (ValueError, FileNotFoundError) as exc:  # bad inputs or a config clash: no traceback
+    except (ValueError, FileNotFoundError, RunLockHeld, TaskFailed) as exc:  # bad inputs, a
+        # config clash, another job on --output, a unit no worker could finish: no traceback
         logging.getLogger("vwlmm.preprocess").error("%s", exc)
         return 1
     return 0

@@ -19,10 +19,12 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from typing import Any
 
-from megatron_vwlmm.vision.encoders import ENCODER_KINDS, get_encoder_kind
-from preprocessing.sources import canonical_name, get_source, source_choices
+from preprocessing.sources import canonical_name, get_source, option_owners, source_choices
 from preprocessing.sources.base import DEFAULT_MAX_IMAGE_BYTES
+from preprocessing.sources.options import build_options, option_names
+from vwlmm_data.encoders import ENCODER_KINDS, get_encoder_kind
 from vwlmm_data.storage import S3Options
 
 TEMPLATES = ("plain", "vicuna_v1", "mistral")
@@ -53,7 +55,7 @@ class PreprocessConfig:
     tokenizer_backend: str = "auto"
     image_root: str | None = None
     format: str = "webdataset"
-    # The vision encoder the images are prepared for (megatron_vwlmm/vision/encoders.py): its
+    # The vision encoder the images are prepared for (vwlmm_data/encoders.py): its
     # mean colour pads images, its mean/std are recorded in the manifest for the trainer.
     vision_encoder: str = "clip"
     # Images: CLIP ViT-L/14-336 by default -> (336 / 14)^2 = 576 patch tokens per image.
@@ -73,12 +75,10 @@ class PreprocessConfig:
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     min_image_side: int = 10
     max_aspect_ratio: float | None = None
-    # LAION filters (None = off).
-    max_punsafe: float | None = None
-    max_pwatermark: float | None = None
-    min_similarity: float | None = None
-    min_caption_chars: int = 1
-    max_caption_chars: int | None = None
+    # The source's own options (``Source.options``, ``preprocessing/sources/options.py``): an
+    # instance, or a mapping of its fields (None: the defaults); an instance after construction.
+    # Content fields, recorded in the manifest's config beside the fields above.
+    source_options: Any = None
     # Sequences.
     max_seq_len: int = 2048
     overlong: str = "drop"
@@ -109,8 +109,13 @@ class PreprocessConfig:
             _fail("source", self.source, f"must be one of {source_choices()}")
         if not self.inputs:
             _fail("inputs", self.inputs, "at least one input file, glob or s3:// URI is needed")
-        if get_source(self.source).needs_image_root and not self.image_root:
+        source = get_source(self.source)
+        if source.needs_image_root and not self.image_root:
             _fail("image_root", self.image_root, f"--source {self.source} needs --image-root")
+        self.source_options = build_options(source, self.source_options, option_owners())
+        clash = sorted(set(option_names(source)) & {f.name for f in dataclasses.fields(self)})
+        if clash:
+            _fail("source_options", clash, f"--source {self.source} options shadow config fields")
         if self.image_mode is None:
             self.image_mode = "crop" if self.template == "plain" else "pad"
         for name, allowed in (
@@ -135,8 +140,6 @@ class PreprocessConfig:
                   f"must exceed the {self.num_patches} tokens of one image")
         if self.max_aspect_ratio is not None and self.max_aspect_ratio < 1:
             _fail("max_aspect_ratio", self.max_aspect_ratio, "must be >= 1 (long side / short side)")
-        if self.min_caption_chars < 0:
-            _fail("min_caption_chars", self.min_caption_chars, "must be >= 0")
         for name in ("num_workers", "dedup_partitions", "max_in_flight"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 _fail(name, getattr(self, name), "must be >= 1")
@@ -163,10 +166,12 @@ class PreprocessConfig:
         return ("webdataset", "arrow") if self.format == "both" else (self.format,)
 
     def content_dict(self) -> dict:
-        """Fields that decide the output bytes (recorded as the manifest's ``config``)."""
+        """Fields that decide the output bytes (recorded as the manifest's ``config``), the
+        source's options among them as fields of their own."""
         d = dataclasses.asdict(self)
         for name in RUNTIME_FIELDS:
             d.pop(name)
+        d.update(d.pop("source_options"))
         return d
 
     def fingerprint(self) -> str:

@@ -1,41 +1,20 @@
 """One raw record -> one tokenized sample, or a reject with its reason.
 
-Checks run cheapest first (metadata filters, template, length) so bad records never cost an
-image decode.
+Checks run cheapest first (the source's own filters, template, length) so bad records never
+cost an image decode.
 """
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import dataclass
-
 import numpy as np
 
-from megatron_vwlmm.vision.encoders import get_encoder_kind
 from preprocessing.config import PreprocessConfig
 from preprocessing.images import ImageReject, ImageSettings, process_image
 from preprocessing.sources import RawRecord, get_source
 from preprocessing.templates import TemplateError, tokenize
 from vwlmm_data.contract import IGNORE_INDEX, IMAGE_TOKEN_ID
-
-
-@dataclass
-class Sample:
-    key: str
-    source_id: str
-    images: list[bytes]
-    input_ids: np.ndarray
-    labels: np.ndarray
-    num_images: int
-    num_tokens: int
-    template: str
-    meta: str
-
-    def header(self) -> dict:
-        """The ``{key}.json`` member of the WebDataset layout."""
-        return {"source_id": self.source_id, "template": self.template,
-                "num_images": self.num_images, "num_tokens": self.num_tokens, "meta": self.meta}
+from vwlmm_data.encoders import get_encoder_kind
+from vwlmm_data.samples import Sample
 
 
 class Reject(Exception):
@@ -62,31 +41,6 @@ def text_tokenizer(cfg: PreprocessConfig, tokenizer):
     return load_text_tokenizer(cfg.tokenizer, cfg.tokenizer_backend)
 
 
-def _number(meta: dict, name: str) -> float | None:
-    value = meta.get(name)
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(value) else value
-
-
-def metadata_filters(rec: RawRecord, cfg: PreprocessConfig) -> None:
-    """LAION-style filters on metadata scores (a missing score never rejects), then the source's
-    own filters (LAION: caption length)."""
-    for name, limit, reason, above in (
-        ("punsafe", cfg.max_punsafe, "unsafe", True),
-        ("pwatermark", cfg.max_pwatermark, "watermark", True),
-        ("similarity", cfg.min_similarity, "low_similarity", False),
-    ):
-        value = _number(rec.meta, name)
-        if limit is not None and value is not None and (value > limit if above else value < limit):
-            raise Reject(reason, f"{name}={value:g} {'>' if above else '<'} {limit:g}")
-    rejected = get_source(cfg.source).reject(rec, cfg)
-    if rejected is not None:
-        raise Reject(*rejected)
-
-
 def _fit_length(ids: np.ndarray, labels: np.ndarray, n_img: int, cfg: PreprocessConfig):
     num_tokens = len(ids) + n_img * (cfg.num_patches - 1)
     if num_tokens <= cfg.max_seq_len:
@@ -109,9 +63,13 @@ def encode(rec: RawRecord, cfg: PreprocessConfig, tokenizer) -> Sample:
         meta = rec.meta_json()
     except (RecursionError, ValueError) as exc:  # nested too deeply / not serialisable
         raise Reject("bad_metadata", f"metadata cannot be stored: {type(exc).__name__}") from exc
-    metadata_filters(rec, cfg)
+    rejected = get_source(cfg.source).reject(rec, cfg)
+    if rejected is not None:
+        raise Reject(*rejected)
     try:
-        tok = tokenize(cfg.template, rec.turns, text_tokenizer(cfg, tokenizer), cfg.plain_eos)
+        # LLaVA reads <image> as a placeholder only in a record with an image
+        tok = tokenize(cfg.template, rec.turns, text_tokenizer(cfg, tokenizer), cfg.plain_eos,
+                       image_tags=bool(rec.images))
     except TemplateError as exc:
         raise Reject(exc.reason, exc.detail) from exc
     if tok.num_images != len(rec.images):
@@ -129,7 +87,3 @@ def encode(rec: RawRecord, cfg: PreprocessConfig, tokenizer) -> Sample:
     return Sample(key=rec.key, source_id=rec.source_id, images=images, input_ids=ids,
                   labels=labels, num_images=tok.num_images, num_tokens=num_tokens,
                   template=cfg.template, meta=meta)
-
-
-def header_bytes(sample: Sample) -> bytes:
-    return json.dumps(sample.header(), sort_keys=True, ensure_ascii=False).encode()

@@ -2,10 +2,10 @@
 
 Energon reads a WebDataset folder that has a ``.nv-meta`` folder (its documented on-disk format):
 
-- ``dataset.yaml``: how samples become Python objects. Our samples (``<key>.json`` header,
-  ``<key>.input_ids.npy``, ``<key>.labels.npy``, ``<key>.img<i>.jpg``) fit no Energon sample
-  type, so the dataset is declared *crude* (``CrudeWebdataset``): the user's task encoder cooks
-  the raw parts, and the ``vwlmm_format`` subflavor names the layout it cooks;
+- ``dataset.yaml``: how samples become Python objects. Our samples (a JSON header, two
+  ``.npy`` arrays and the images: the members ``vwlmm_data/samples.py`` defines) fit no Energon
+  sample type, so the dataset is declared *crude* (``CrudeWebdataset``): the user's task encoder
+  cooks the raw parts, and the ``vwlmm_format`` subflavor names the layout it cooks;
 - ``split.yaml``: ``split_parts`` (train / val / test -> shard names) and ``exclude``; every
   shard is in ``train``, since splitting is a training decision;
 - ``.info.yaml``: ``shard_counts`` (shard name -> number of samples);

@@ -18,6 +18,7 @@ from typing import Iterable, Iterator
 from preprocessing.energon import EnergonMetaWriter
 from preprocessing.job_state import InputsChanged, JobState
 from preprocessing.plan import unit_identity
+from preprocessing.task_results import UnitRecord
 from vwlmm_data import storage
 from vwlmm_data.contract import (FORMAT_VERSION, IGNORE_INDEX, IMAGE_TOKEN_ID, REJECTS_NAME,
                                  Manifest, ShardInfo, Statistics, TokenizerInfo, VisionInfo,
@@ -25,15 +26,15 @@ from vwlmm_data.contract import (FORMAT_VERSION, IGNORE_INDEX, IMAGE_TOKEN_ID, R
 from vwlmm_data.storage import StagedFile
 
 READ_WINDOW = 64
-_SUMMED = ("num_records", "num_tokens", "num_text_tokens", "num_supervised_tokens", "num_images",
+_SUMMED = ("num_tokens", "num_text_tokens", "num_supervised_tokens", "num_images",
            "num_text_only")
 
 
 def read_unit_records(state: JobState, units: Iterable[dict],
-                      window: int = READ_WINDOW) -> Iterator[tuple[dict, dict]]:
+                      window: int = READ_WINDOW) -> Iterator[tuple[dict, UnitRecord]]:
     """(planned unit, its result record) in unit order, ``window`` reads in flight."""
-    def read(unit: dict) -> dict:
-        return state.read_json(state.unit_record_uri(unit["index"]))
+    def read(unit: dict) -> UnitRecord:
+        return UnitRecord.from_json(state.read_bytes(state.unit_record_uri(unit["index"])))
 
     with ThreadPoolExecutor(max_workers=window) as pool:
         pending: collections.deque = collections.deque()
@@ -56,7 +57,8 @@ def finalize(cfg, state: JobState, units: Iterable[dict], tok_info: TokenizerInf
     """Merge the unit records of ``units`` (in order) into rejects.jsonl, ``.nv-meta`` (WebDataset
     output) and, last, manifest.json."""
     rejected: collections.Counter = collections.Counter()
-    totals = dict.fromkeys(_SUMMED, 0)
+    adjusted: collections.Counter = collections.Counter()
+    totals = dict.fromkeys(("num_records", *_SUMMED), 0)
     min_tokens, max_tokens, num_samples = None, 0, 0
     shards: list[ShardInfo] = []
     energon = None
@@ -66,29 +68,30 @@ def finalize(cfg, state: JobState, units: Iterable[dict], tok_info: TokenizerInf
     try:
         with StagedFile(storage.join(cfg.output, REJECTS_NAME), cfg.s3) as rejects_file:
             for unit, record in read_unit_records(state, units):
-                if record.get("unit") != unit_identity(unit):
+                if record.unit != unit_identity(unit):
                     raise InputsChanged(
                         f"{state.unit_record_uri(unit['index'])} was written for "
-                        f"{record.get('unit')}, but the plan's unit {unit['index']} is "
+                        f"{record.unit}, but the plan's unit {unit['index']} is "
                         f"{unit_identity(unit)}: use a new --output (or --overwrite)")
-                for rej in record["rejects"]:
+                for rej in record.rejects:
                     rejected[rej["reason"]] += 1
                     rejects_file.file.write(
                         json.dumps(rej, sort_keys=True, ensure_ascii=False).encode() + b"\n")
-                for s in record["shards"]:
+                for s in record.shards:
                     shard = ShardInfo.from_dict(s)
                     shards.append(shard)
                     if energon is not None and shard.format == "webdataset":
                         energon.add(shard.path.rsplit("/", 1)[-1], shard.num_samples)
-                st = record["stats"]
-                totals["num_records"] += record["num_records"]
-                for k in _SUMMED[1:]:
-                    totals[k] += st[k]
-                max_tokens = max(max_tokens, st["max_tokens"])
-                if st["min_tokens"] is not None:
-                    min_tokens = st["min_tokens"] if min_tokens is None \
-                        else min(min_tokens, st["min_tokens"])
-                num_samples += record["num_samples"]
+                st = record.stats
+                totals["num_records"] += record.num_records
+                for k in _SUMMED:
+                    totals[k] += getattr(st, k)
+                adjusted.update(st.adjusted)
+                max_tokens = max(max_tokens, st.max_tokens)
+                if st.min_tokens is not None:
+                    min_tokens = st.min_tokens if min_tokens is None \
+                        else min(min_tokens, st.min_tokens)
+                num_samples += record.num_samples
         if energon is not None:
             energon.commit()
     except BaseException:
@@ -101,7 +104,8 @@ def finalize(cfg, state: JobState, units: Iterable[dict], tok_info: TokenizerInf
         rejected=dict(sorted(rejected.items())),
         shards=tuple(shards),
         statistics=Statistics(**totals, min_tokens=min_tokens, max_tokens=max_tokens,
-                              mean_tokens=totals["num_tokens"] / num_samples if num_samples else 0.0),
+                              mean_tokens=totals["num_tokens"] / num_samples if num_samples
+                              else 0.0, adjusted=dict(sorted(adjusted.items()))),
         tokenizer=tok_info,
         template=cfg.template,
         image_token_id=IMAGE_TOKEN_ID,

@@ -1,7 +1,8 @@
 """Small, real LAION-style and LLaVA-style inputs built from scikit-image's sample photos.
 
-Used by ``make demo``, the tests and the benchmark, so every stage downstream (the trainer
-included) can build a real dataset without network access. ``write_demo_dataset(variants=True)``
+Used by ``make demo``, the tests, the benchmark and the README's quick start
+(``python -m preprocessing.fixtures DIR``), so every stage downstream (the trainer included)
+can build a real dataset without network access. ``write_demo_dataset(variants=True)``
 adds every odd-but-valid image form (CMYK, palette, transparency, 16-bit, greyscale, EXIF
 rotation) and every bad-input class, and returns the outcome each record must have.
 """
@@ -217,9 +218,11 @@ def _llava(root: Path, ds: DemoDataset, max_side: int, variants: bool) -> None:
             {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "Nothing."}]},
             "image_missing")
         add({"id": "no_conversations", "image": "coco/train2017/000000000001.jpg"}, "bad_record")
+        # A text-only record whose text holds the literal "<image>": tokenized as text, as LLaVA
+        # does (counted as image_tag_as_text; --strict-records rejects it).
         add({"id": "tag_without_image", "conversations": [
             {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "?"}]},
-            "image_tag_mismatch")
+            "ok")
         add({"id": "dup_of_first", "image": "coco/train2017/000000000000.jpg", "conversations": [
             {"from": "human", "value": "<image>\nDescribe the image briefly."},
             {"from": "gpt", "value": _PHOTOS[0][1]}]}, "duplicate")
@@ -246,3 +249,24 @@ def write_demo_dataset(out_dir: str | os.PathLike, *, variants: bool = False, ma
     _laion(root, ds, max_side, variants, laion_per_tar)
     _llava(root, ds, max_side, variants)
     return ds
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m preprocessing.fixtures",
+        description="Write the bundled fixture inputs (the ones `make demo` uses): LAION-style "
+                    "img2dataset shards (OUT/laion/NNNNN.tar + .parquet) and LLaVA JSON "
+                    "(OUT/llava_N.json) with its image folder (OUT/llava_images).")
+    parser.add_argument("out", type=Path, help="folder to write (created)")
+    parser.add_argument("--variants", action="store_true",
+                        help="add every odd and broken record form (each a counted reject)")
+    args = parser.parse_args(argv)
+    ds = write_demo_dataset(args.out, variants=args.variants, max_side=96, laion_per_tar=16)
+    print(f"LAION-style inputs: {' '.join(ds.laion_inputs)}\n"
+          f"LLaVA inputs: {' '.join(map(str, ds.llava_json))} (--image-root {ds.image_root})")
+
+
+if __name__ == "__main__":
+    main()

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from megatron_vwlmm.vision.encoders import get_encoder_kind
+from vwlmm_data.encoders import get_encoder_kind
 
 _RESAMPLE = Image.Resampling.BICUBIC  # as CLIPImageProcessor
 
@@ -54,15 +54,31 @@ class ImageSettings:
     pad_color: tuple[int, int, int] = get_encoder_kind("clip").pad_color
 
 
+# Pixels per band when 16/32-bit greyscale is rescaled: its float copy stays ~8 MB, so such an
+# image costs about what an 8-bit one of the same size does (not 8 bytes a pixel more).
+_BAND_PIXELS = 1 << 20
+
+
+def _grey_to_8bit(im: Image.Image) -> Image.Image:
+    """16/32-bit and float greyscale -> 8-bit "L", rescaled by the range (Pillow's convert()
+    clips to 0..255), a band of rows at a time."""
+    top = float(im.getextrema()[1])
+    hi = 65535.0 if im.mode.startswith("I;16") or top > 255 else 255.0
+    if im.mode == "F":
+        hi = max(top, 1e-12)
+    w, h = im.size
+    out = np.empty((h, w), dtype=np.uint8)
+    rows = max(1, _BAND_PIXELS // max(w, 1))
+    for y in range(0, h, rows):
+        band = np.asarray(im.crop((0, y, w, min(h, y + rows))), dtype=np.float64)
+        out[y:y + rows] = np.clip(band / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(out, "L")
+
+
 def _to_rgb(im: Image.Image, pad_color: tuple[int, int, int]) -> Image.Image:
     """Any Pillow mode to 8-bit RGB, compositing transparency onto the pad colour."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16/32-bit and float greyscale: Pillow's convert() clips to 0..255; rescale by range.
-        arr = np.asarray(im, dtype=np.float64)
-        hi = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        if im.mode == "F":
-            hi = max(float(arr.max(initial=0)), 1e-12)
-        im = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        im = _grey_to_8bit(im)
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     if im.mode in ("LA", "La", "PA", "RGBa"):

@@ -7,17 +7,23 @@ every client) it binds loopback only, with token auth. Token auth needs a token 
 create for ``ray start`` (and that ``ray.init`` would write to ``~/.ray/auth_token``, readable by
 every later process of the user): each cluster started here gets its own random token, written
 with mode 0600 into the cluster's private temp folder and handed to the head and every client as
-``RAY_AUTH_TOKEN_PATH``. Nothing reads or writes ``~/.ray``.
+``RAY_AUTH_TOKEN_PATH``. Nothing reads or writes ``~/.ray``. ``LocalRayHead`` sets these
+variables itself, so it starts from any environment, a new user's empty one included.
 
 Every port is chosen free and explicit so several heads (parallel test runs) never collide, and
 the head is ``ray start --head --block`` under our own PID: stopping that PID stops exactly this
 head, never another Ray on the machine (``ray stop`` would end them all).
+
+The local Ray of a plain ``vwlmm-preprocess`` is such a head too, joined by its address: a bare
+``ray.init()`` would instead join whatever cluster ``ray start`` last registered on the machine
+(Ray's ``ray_current_cluster`` file), someone else's included.
 """
 
 from __future__ import annotations
 
-import os
 import contextlib
+import ctypes
+import os
 import random
 import secrets
 import shutil
@@ -96,32 +102,63 @@ def write_token_file(folder: str) -> str:
 
 
 @contextlib.contextmanager
-def private_local_ray(**init_kwargs) -> Iterator[None]:
-    """``ray.init()`` of a new single-machine Ray bound to 127.0.0.1 with its own token.
+def _loopback_token_client(env: Dict[str, str]) -> Iterator[None]:
+    """This process as a client of a loopback, token-auth head whose environment is ``env``.
 
-    The token file lives in a 0700 temp folder removed on exit; the variables are set in this
-    process only for the cluster's lifetime (Ray's processes inherit them at start)."""
-    import ray
+    Ray reads these settings when ``ray`` is imported (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``
+    into ``ray._private.ray_constants``, ``RAY_AUTH_MODE`` into its cached config) and caches the
+    token on first use, so setting the variables later is not enough: the flag and the config
+    are reloaded as well (the config as Ray itself does when it turns token auth on), and all of
+    it restored on exit. Variables that would point Ray at another cluster are hidden meanwhile."""
+    from ray._private import ray_constants
+    from ray._raylet import AuthenticationTokenLoader, Config
 
-    folder = tempfile.mkdtemp(prefix="vwlmm-ray-")
-    saved = {k: os.environ.get(k) for k in (*_FOREIGN_RAY_VARS, "RAY_AUTH_MODE",
-                                              "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    names = (*_FOREIGN_RAY_VARS, "RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    saved = {k: os.environ.get(k) for k in names}
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+
+    def reload() -> None:
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
     try:
-        for name in _FOREIGN_RAY_VARS:
+        for name in names:
             os.environ.pop(name, None)
-        os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
-                          RAY_AUTH_TOKEN_PATH=write_token_file(folder))
-        ray.init(**init_kwargs)
+        os.environ.update({k: env[k] for k in names if k in env})
+        ray_constants.ENABLE_RAY_CLUSTER = env.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0"
+        reload()
         yield
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        shutil.rmtree(folder, ignore_errors=True)
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        reload()
+
+
+@contextlib.contextmanager
+def private_local_ray(num_cpus: Optional[int] = None, **init_kwargs) -> Iterator["LocalRayHead"]:
+    """A new single-machine Ray (a ``LocalRayHead`` with Ray's default object store) joined by
+    this process with ``ray.init(address=...)``; ``init_kwargs`` go to that ``ray.init``."""
+    import ray
+
+    with LocalRayHead(dict(os.environ), num_cpus=num_cpus, object_store_bytes=None,
+                      stop_with_parent=True) as head:
+        with _loopback_token_client(head.env):
+            try:
+                ray.init(address=head.address, **init_kwargs)
+                yield head
+            finally:
+                if ray.is_initialized():
+                    ray.shutdown()
+
+
+def _term_with_parent() -> None:
+    """In a child before exec: SIGTERM when the parent dies (``prctl(PR_SET_PDEATHSIG)``)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
@@ -139,15 +176,21 @@ class LocalRayHead:
     """``with LocalRayHead(ray_env()) as head:`` -> ``head.address``, ``head.dashboard`` and
     ``head.env``, the environment every client of this head must use (it carries the token)."""
 
-    def __init__(self, env: Dict[str, str], num_cpus: int = 2, start_timeout: float = 120,
-                 object_store_bytes: int = 300_000_000) -> None:
+    def __init__(self, env: Dict[str, str], num_cpus: Optional[int] = 2,
+                 start_timeout: float = 120,
+                 object_store_bytes: Optional[int] = 300_000_000,
+                 stop_with_parent: bool = False) -> None:
+        """``num_cpus`` / ``object_store_bytes`` None: Ray's defaults (the machine's CPUs, a
+        share of its memory). ``stop_with_parent``: the head gets SIGTERM when this process
+        dies, even by SIGKILL (Linux), so a killed job never leaves its private Ray running."""
         # The head's private folder (0700, short: Ray's unix sockets live below it) holds the
         # token file and Ray's temp folder, which Ray itself makes world-writable.
         self.temp = tempfile.mkdtemp(prefix="vwr", dir="/tmp")
         self.token_path = write_token_file(self.temp)
         ray_temp = os.path.join(self.temp, "ray")
         self.env = {k: v for k, v in env.items() if k not in _FOREIGN_RAY_VARS}
-        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=self.token_path)
+        self.env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
+                        RAY_AUTH_TOKEN_PATH=self.token_path)
         gcs, dashboard = free_port(), free_port()
         self.address = f"127.0.0.1:{gcs}"
         self.dashboard = f"http://127.0.0.1:{dashboard}"
@@ -157,15 +200,19 @@ class LocalRayHead:
                      "metrics_export_port", "runtime_env_agent_port"):
             ports[name] = free_port()
         workers = free_port_range(64, avoid=ports.values())
-        cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--num-cpus={num_cpus}",
+        cmd = [str(BIN / "ray"), "start", "--head", "--block",
                "--dashboard-host=127.0.0.1", "--disable-usage-stats", f"--temp-dir={ray_temp}",
-               f"--min-worker-port={workers}", f"--max-worker-port={workers + 63}",
-               f"--object-store-memory={object_store_bytes}"]
+               f"--min-worker-port={workers}", f"--max-worker-port={workers + 63}"]
+        if num_cpus is not None:
+            cmd.append(f"--num-cpus={num_cpus}")
+        if object_store_bytes is not None:
+            cmd.append(f"--object-store-memory={object_store_bytes}")
         cmd += [f"--{name.replace('_', '-')}={port}" for name, port in ports.items()]
         self.log_path = Path(self.temp, "head.log")
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     preexec_fn=_term_with_parent if stop_with_parent else None)
         self._wait_until_answering(start_timeout)
 
     def _wait_until_answering(self, timeout: float) -> None:

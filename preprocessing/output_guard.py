@@ -17,6 +17,7 @@ nothing behind that a corrected rerun would take for a conflicting job.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -27,6 +28,7 @@ from preprocessing.energon import NV_META
 from preprocessing.job_state import STATE_DIR
 from vwlmm_data import storage
 from vwlmm_data.contract import FORMATS, MANIFEST_NAME, REJECTS_NAME
+from vwlmm_data.run_lock import LOCK_NAME, RunLock
 
 MARKER_NAME = "vwlmm-dataset.json"
 # Written by every job before the marker existed; accepted as the same proof of ownership.
@@ -46,11 +48,22 @@ def is_job_output(output: str, s3: storage.S3Options) -> bool:
 
 
 def _is_empty(output: str, s3: storage.S3Options) -> bool:
-    """No file below ``output`` but ``StagedFile`` temps (a job killed while writing its mark)."""
+    """No file below ``output`` but ``StagedFile`` temps (a job killed while writing its mark)
+    and the job lock (``lock_output``)."""
     if not storage.is_s3(output) and not os.path.exists(output):
         return True
-    return all(storage.is_staging_name(uri.rsplit("/", 1)[-1])
-               for uri in storage.list_prefix(output, s3))
+    return all(storage.is_staging_name(name) or name == LOCK_NAME
+               for name in (uri.rsplit("/", 1)[-1] for uri in storage.list_prefix(output, s3)))
+
+
+def lock_output(cfg: PreprocessConfig):
+    """One job at a time on a local ``--output`` (``vwlmm_data.run_lock``): a second one is
+    refused naming the first's host and PID. Take it after ``check_output_allowed`` (the lock
+    file is a write) and before ``prepare_output``. S3 has no locks: one job per S3 output is
+    the user's to ensure."""
+    if storage.is_s3(cfg.output):
+        return contextlib.nullcontext()
+    return RunLock(cfg.output, "vwlmm-preprocess")
 
 
 def _relative(output: str, uri: str) -> str:
@@ -114,8 +127,8 @@ def check_delete_allowed(cfg: PreprocessConfig) -> None:
                              f"{path} is inside it")
 
 
-def prepare_output(cfg: PreprocessConfig) -> None:
-    """Check, clear (``--overwrite``) and claim ``cfg.output`` before the job writes to it.
+def check_output_allowed(cfg: PreprocessConfig) -> bool:
+    """Refuse an ``cfg.output`` the job may not use, writing nothing; True when it is a job's.
 
     A folder that is neither empty nor marked as a job's output is refused, with or without
     ``--overwrite``: its files are somebody else's, and the job's own names (``manifest.json``,
@@ -131,6 +144,13 @@ def prepare_output(cfg: PreprocessConfig) -> None:
             f"--output {cfg.output} is not empty and holds no preprocessing job "
             f"({STATE_DIR}/{MARKER_NAME} is missing): refusing to write (or, with --overwrite, "
             "delete) there; choose a new or empty folder")
+    return ours
+
+
+def prepare_output(cfg: PreprocessConfig) -> None:
+    """Check (``check_output_allowed``, again: under ``lock_output`` nobody else changes the
+    folder now), clear (``--overwrite``) and claim ``cfg.output`` before the job writes to it."""
+    ours = check_output_allowed(cfg)
     if cfg.overwrite and ours:
         storage.remove_files(job_layout_files(cfg.output, cfg.s3), cfg.s3)
         _remove_empty_layout_dirs(cfg.output)

@@ -87,12 +87,30 @@ def file_unit(f: InputFile, locator: dict, unit_fields: dict) -> dict:
     return {**unit_fields, **f.unit_fields, **locator, "file": f.uri, "file_index": f.index}
 
 
-def plan_batch(state: JobState, partitions: int, batch: Batch, unit_fields: dict) -> dict:
+@dataclass(frozen=True)
+class BatchCounts:
+    """What planning one batch found (a ``plan_batch`` task's result)."""
+
+    batch: int
+    num_units: int
+    num_records: int
+    num_duplicates: int
+    num_renames: int
+
+    @classmethod
+    def of(cls, plan: dict) -> "BatchCounts":
+        """The counts of a batch's plan file."""
+        return cls(batch=plan["batch"], num_units=len(plan["units"]),
+                   num_records=sum(u["num_records"] for u in plan["units"]),
+                   num_duplicates=plan["num_duplicates"], num_renames=plan["num_renames"])
+
+
+def plan_batch(state: JobState, partitions: int, batch: Batch, unit_fields: dict) -> BatchCounts:
     """Write the batch's plan file (its units) and decisions file (one JSON line per unit that has
     decisions, ``{"record index in unit": ["duplicate" | "rename", key]}``); returns its counts."""
     uri = state.plan_uri(batch.index)
     if state.exists(uri):
-        return _counts(state.read_json(uri))
+        return BatchCounts.of(state.read_json(uri))
     decisions = iter(dedup.read_batch_decisions(state, partitions, batch.index))
     pending = next(decisions, None)
     units, lines, offset = [], [], 0
@@ -125,13 +143,7 @@ def plan_batch(state: JobState, partitions: int, batch: Batch, unit_fields: dict
     state.write_bytes(state.decisions_uri(batch.index), b"".join(lines))
     plan = {"batch": batch.index, "units": units, "num_duplicates": n_dup, "num_renames": n_rename}
     state.write_json(uri, plan)  # last: its presence means the batch is planned
-    return _counts(plan)
-
-
-def _counts(plan: dict) -> dict:
-    return {"batch": plan["batch"], "num_units": len(plan["units"]),
-            "num_records": sum(u["num_records"] for u in plan["units"]),
-            "num_duplicates": plan["num_duplicates"], "num_renames": plan["num_renames"]}
+    return BatchCounts.of(plan)
 
 
 def build_plan(run: Executor, state: JobState, files: list[InputFile], num_units: list[int],
@@ -148,15 +160,15 @@ def build_plan(run: Executor, state: JobState, files: list[InputFile], num_units
     for _ in run(dedup.reduce_keys, ((state, P, q, first_files) for q in range(P))):
         pass
     counts = sorted(run(plan_batch, ((state, P, b, unit_fields) for b in batches)),
-                    key=lambda c: c["batch"])
+                    key=lambda c: c.batch)
     summary = {
         "plan_version": PLAN_VERSION,
         "num_files": len(files),
-        "num_records": sum(c["num_records"] for c in counts),
-        "num_units": sum(c["num_units"] for c in counts),
-        "num_duplicates": sum(c["num_duplicates"] for c in counts),
-        "num_renames": sum(c["num_renames"] for c in counts),
-        "batches": [{"index": b.index, "first_unit": b.first_unit, "num_units": c["num_units"],
+        "num_records": sum(c.num_records for c in counts),
+        "num_units": sum(c.num_units for c in counts),
+        "num_duplicates": sum(c.num_duplicates for c in counts),
+        "num_renames": sum(c.num_renames for c in counts),
+        "batches": [{"index": b.index, "first_unit": b.first_unit, "num_units": c.num_units,
                      "files": [b.files[0].index, b.files[-1].index + 1] if b.files else [0, 0]}
                     for b, c in zip(batches, counts)],
     }

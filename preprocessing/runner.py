@@ -13,34 +13,31 @@ number of dedup partitions or on timing.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
-import signal
 import time
 from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from preprocessing import dedup, output_guard
+from preprocessing import output_guard
 from preprocessing.config import PreprocessConfig
 from preprocessing.finalize import finalize
-from preprocessing.job_state import JobState, check_inputs, read_scan, write_scan
+from preprocessing.job_state import JobState, check_inputs
 from preprocessing.local_ray import private_local_ray
 from preprocessing.plan import (InputFile, build_plan, default_partitions, file_unit, iter_units,
                                 read_plan, task_unit)
-from preprocessing.scheduling import bounded_executor
+from preprocessing.scheduling import bound_oom_retries, bounded_executor
 from preprocessing.sources import get_source
+from preprocessing.task_results import UnitDone
 from preprocessing.tokenizer import tokenizer_identity
-from preprocessing.worker import CRASH_ENV, process_unit
+from preprocessing.worker import digest_unit, process_unit, scan_file
+from vwlmm_data import hooks
 from vwlmm_data import storage
 from vwlmm_data.contract import MANIFEST_NAME, Manifest, load_manifest
 from vwlmm_data.storage import FileInfo
 
 log = logging.getLogger("vwlmm.preprocess")
-# Test hook: "dedup:N" makes the driver SIGKILL itself once N tasks of the dedup step finished,
-# to prove that a job killed inside that step resumes to the same bytes.
-KILL_ENV = "VWLMM_PREPROCESS_KILL_AFTER"
 
 
 def _version() -> str:
@@ -72,29 +69,6 @@ def _inputs(cfg: PreprocessConfig, expanded: list[FileInfo]) -> list[InputFile]:
             in enumerate(get_source(cfg.source).input_files([f.uri for f in expanded]))]
 
 
-def _scan_file(cfg_dict: dict, f: InputFile) -> dict:
-    """Scan one input file into the job state (kept: a rerun reuses it); returns its counts, and
-    its unit locators when its digests are still to be computed from the images."""
-    cfg = PreprocessConfig(**cfg_dict)
-    state = JobState(cfg.output, cfg.s3)
-    scan = read_scan(state, f.index, f.uri)
-    if scan is None:
-        found = get_source(cfg.source).scan(f.uri, cfg, state.records_prefix(f.index))
-        write_scan(state, f.index, f.uri, found.keys, found.digests, found.units)
-        scan = dataclasses.asdict(found)
-    return {"index": f.index, "num_records": len(scan["keys"]), "num_units": len(scan["units"]),
-            "units": scan["units"] if scan["digests"] is None else None}
-
-
-def _digest_unit(cfg_dict: dict, f: InputFile, chunk: int, unit: dict) -> None:
-    """Dedup digests of one unit (the source reads its images), into the job state."""
-    cfg = PreprocessConfig(**cfg_dict)
-    state = JobState(cfg.output, cfg.s3)
-    uri = state.digests_uri(f.index, chunk)
-    if not state.exists(uri):
-        state.write_json(uri, get_source(cfg.source).digests(unit, cfg))
-
-
 def _check_config(cfg: PreprocessConfig, state: JobState) -> bool:
     """Refuse to mix configs in one output folder; True when the job already finished."""
     if state.exists(state.config_uri):
@@ -121,43 +95,28 @@ def _ray_session(cfg: PreprocessConfig):
     """
     import ray
 
+    bound_oom_retries()  # before ray.init, which reads it
     if ray.is_initialized():
         yield ray
     elif cfg.ray_address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=cfg.ray_address, log_to_driver=True, include_dashboard=False)
         yield ray
     else:
-        with private_local_ray(log_to_driver=True, include_dashboard=False):
+        with private_local_ray(log_to_driver=True):
             yield ray
 
 
-# The only variable the driver passes to its tasks (a test hook, see worker.CRASH_ENV). S3 settings
+# The only variable the driver passes to its tasks (test hooks, vwlmm_data/hooks.py). S3 settings
 # travel in the config (``PreprocessConfig.s3``); credentials never leave the machine they are on:
 # Ray records a runtime_env in its logs, State API and dashboard, so each worker reads S3 with the
 # standard AWS credential chain of its own node (environment, shared credentials file, role).
-FORWARDED_ENV = (CRASH_ENV,)
+FORWARDED_ENV = (hooks.HOOKS_ENV,)
 
 
 def task_options() -> dict:
     """Ray task options for this job's tasks (a runtime_env only for ``FORWARDED_ENV``)."""
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     return {"runtime_env": {"env_vars": env}} if env else {}
-
-
-def _kill_hook():
-    """``on_result`` for ``KILL_ENV`` (None when unset)."""
-    step, _, count = os.environ.get(KILL_ENV, "").partition(":")
-    if step != "dedup":
-        return None
-    finished = [0]
-
-    def on_result(fn, _result) -> None:
-        if fn.__module__ == dedup.__name__:
-            finished[0] += 1
-            if finished[0] >= int(count):
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    return on_result
 
 
 @dataclass
@@ -176,36 +135,37 @@ def run(cfg: PreprocessConfig) -> RunSummary:
     """Run (or resume) the job; with ``plan_only``, stop once it is planned."""
     t_start = time.perf_counter()
     # Validate what can fail before anything is deleted or written (output_guard).
-    tok_info = tokenizer_identity(cfg.tokenizer)
+    tok_info = tokenizer_identity(cfg.tokenizer, cfg.tokenizer_backend)
     expanded = _expanded(cfg)
     files = _inputs(cfg, expanded)
-    output_guard.prepare_output(cfg)
-    state = JobState(cfg.output, cfg.s3)
-    complete = _check_config(cfg, state)
-    check_inputs(state, expanded, complete)
-    if complete:
-        log.info("%s is complete (manifest present); nothing to do", cfg.output)
-        return RunSummary(load_manifest(cfg.output, cfg.s3), read_plan(state))
-    output_guard.remove_stale_temps(cfg)
-    with _ray_session(cfg) as ray:
-        return _process(cfg, ray, files, tok_info, t_start)
+    output_guard.check_output_allowed(cfg)  # before the lock file is written
+    with output_guard.lock_output(cfg):  # a second job on this output is refused
+        output_guard.prepare_output(cfg)
+        state = JobState(cfg.output, cfg.s3)
+        complete = _check_config(cfg, state)
+        check_inputs(state, expanded, complete)
+        if complete:
+            log.info("%s is complete (manifest present); nothing to do", cfg.output)
+            return RunSummary(load_manifest(cfg.output, cfg.s3), read_plan(state))
+        output_guard.remove_stale_temps(cfg)
+        with _ray_session(cfg) as ray:
+            return _process(cfg, ray, files, tok_info, t_start)
 
 
 def _plan(cfg: PreprocessConfig, run_tasks, state: JobState, files: list[InputFile]) -> dict:
     """Scan (and digest) the inputs, then the dedup and plan steps; the plan summary."""
-    cfg_dict = dataclasses.asdict(cfg)
     t0 = time.perf_counter()
     num_records, num_units = [0] * len(files), [0] * len(files)
     to_digest = []
-    for r in run_tasks(_scan_file, ((cfg_dict, f) for f in files)):
-        num_records[r["index"]], num_units[r["index"]] = r["num_records"], r["num_units"]
-        if cfg.dedup and r["units"] is not None:  # digests that need the images
-            to_digest.append((r["index"], r["units"]))
+    for r in run_tasks(scan_file, ((cfg, f) for f in files)):
+        num_records[r.index], num_units[r.index] = r.num_records, r.num_units
+        if cfg.dedup and r.units_to_digest is not None:  # digests that need the images
+            to_digest.append((r.index, r.units_to_digest))
     to_digest.sort(key=lambda d: d[0])
     unit_fields = {"source": cfg.source}  # what every unit of the job carries
-    jobs = ((cfg_dict, files[i], c, task_unit(state, file_unit(files[i], loc, unit_fields)))
+    jobs = ((cfg, files[i], c, task_unit(state, file_unit(files[i], loc, unit_fields)))
             for i, locators in to_digest for c, loc in enumerate(locators))
-    for _ in run_tasks(_digest_unit, jobs):
+    for _ in run_tasks(digest_unit, jobs):
         pass
     del to_digest
     total = sum(num_records)
@@ -232,17 +192,15 @@ def _process(cfg: PreprocessConfig, ray, files: list[InputFile], tok_info,
     state = JobState(cfg.output, cfg.s3)
     workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     limit = cfg.max_in_flight or 2 * workers
-    hook = _kill_hook()
     counts = {"records": 0, "good": 0, "rejected": 0, "cpu": 0.0}
 
     def on_result(fn, result) -> None:
-        if hook is not None:
-            hook(fn, result)
-        if isinstance(result, dict) and "stats" in result:  # a unit's result
-            counts["records"] += result["num_records"]
-            counts["good"] += result["num_samples"]
-            counts["rejected"] += len(result.pop("rejects"))
-            counts["cpu"] += result.pop("cpu_seconds", 0.0)
+        hooks.fire("preprocess.task_done", module=fn.__module__)
+        if isinstance(result, UnitDone):
+            counts["records"] += result.num_records
+            counts["good"] += result.num_samples
+            counts["rejected"] += result.num_rejected
+            counts["cpu"] += result.cpu_seconds
 
     run_tasks = bounded_executor(ray, limit, task_options(), on_result)
     t0 = time.perf_counter()
@@ -261,8 +219,7 @@ def _process(cfg: PreprocessConfig, ray, files: list[InputFile], tok_info,
     skipped = sum(done)
     if skipped:
         log.info("resuming: %d of %d unit(s) already done", skipped, summary["num_units"])
-    cfg_dict = dataclasses.asdict(cfg)
-    todo = ((cfg_dict, task_unit(state, u)) for u in iter_units(state, summary)
+    todo = ((cfg, task_unit(state, u)) for u in iter_units(state, summary)
             if not done[u["index"]])
     bar = tqdm(total=summary["num_units"], initial=skipped, unit="unit", disable=not cfg.progress,
                mininterval=1.0, desc="preprocess", dynamic_ncols=True)

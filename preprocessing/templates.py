@@ -10,14 +10,20 @@ the supervised part; turn texts are used as written):
 - mistral, VW-LMM's ``conversation.py`` (MISTRAL style, also Mistral-Instruct's own format):
   ``<s>[INST] q [/INST][a</s>][INST] q2 [/INST][a2</s>]``
 
-LLaVA tokenizes a conversation in segments (split at each ``<image>`` and special token, each
-segment with its own "▁" dummy prefix) and masks by counting: per round, the instruction's
-token count minus 2 (its BOS and its trailing "▁"). Here the conversation is rendered into the
-same segments (*pieces*), each piece is tokenized with character offsets
-(``preprocessing.legacy_tokenizer``), and a token is supervised iff it covers characters of an
-answer span. A vicuna answer's span starts at the space before it, which is what LLaVA's "-2"
-leaves supervised: the lone "▁" before an answer starting with a digit, CJK text or an emoji
-is a label, as in LLaVA.
+LLaVA tokenizes a conversation in segments (split at each ``<image>`` and special token; with a
+``legacy`` tokenizer every segment has its own "▁" dummy prefix, otherwise the segment after a
+special token has none: ``preprocessing.legacy_tokenizer``) and masks by counting: per round,
+the instruction's token count minus 2 (its BOS and its trailing "▁"; one less again per later
+round when not ``legacy``). Here the conversation is rendered into the same segments
+(*pieces*), each piece is tokenized with character offsets, and a token is supervised iff it
+covers characters of an answer span, which gives LLaVA's labels for either ``legacy`` value. A
+vicuna answer's span starts at the space before it, which is what LLaVA's "-2" leaves
+supervised: the lone "▁" before an answer starting with a digit, CJK text or an emoji is a
+label, as in LLaVA. The mistral template has no published training code: its labels are, by
+the same rule, the tokens of each answer and its ``</s>``.
+
+A record without images (``image_tags=False``) keeps ``<image>`` as text, as LLaVA tokenizes a
+text-only record.
 
 Every sample is verified. LLaVA silently masks a whole sample when its counts disagree (its
 "tokenization mismatch" warning); here such a sample is rejected as ``tokenization_mismatch``:
@@ -78,7 +84,8 @@ class Tokenized:
 
 
 class _Renderer:
-    def __init__(self) -> None:
+    def __init__(self, image_tags: bool = True) -> None:
+        self.image_tags = image_tags
         self.pieces: list[_Text | _Special] = []
         self.answers: list[str] = []  # the supervised text of each answer (EOS excluded)
 
@@ -88,15 +95,16 @@ class _Renderer:
         return self.pieces[-1]
 
     def text(self, s: str) -> None:
-        """Append prompt text; each ``<image>`` becomes a placeholder between pieces."""
-        for i, chunk in enumerate(s.split(IMAGE_TAG)):
+        """Append prompt text; each ``<image>`` becomes a placeholder between pieces (when the
+        record has images)."""
+        for i, chunk in enumerate(s.split(IMAGE_TAG) if self.image_tags else [s]):
             if i:
                 self.pieces.append(_Special("image"))
             if chunk:
                 self._text().text += chunk
 
     def answer(self, s: str) -> None:
-        """Append the supervised text of the next answer (never holds ``<image>``)."""
+        """Append the supervised text of the next answer (``<image>`` in it only as text)."""
         piece = self._text()
         piece.spans.append((len(piece.text), len(piece.text) + len(s), len(self.answers)))
         piece.text += s
@@ -106,14 +114,14 @@ class _Renderer:
         self.pieces.append(_Special(kind, answer))
 
 
-def _check_turns(turns: list[Turn]) -> None:
+def _check_turns(turns: list[Turn], image_tags: bool) -> None:
     if not turns or len(turns) % 2:
         raise TemplateError("bad_record", f"expected human/gpt pairs, got {len(turns)} turns")
     for i, t in enumerate(turns):
         want = "human" if i % 2 == 0 else "gpt"
         if t.role != want:
             raise TemplateError("bad_record", f"turn {i} is from {t.role!r}, expected {want!r}")
-        if t.role == "gpt" and IMAGE_TAG in t.text:
+        if image_tags and t.role == "gpt" and IMAGE_TAG in t.text:
             raise TemplateError("image_tag_mismatch", f"answer turn {i} contains {IMAGE_TAG}")
         if not t.text.strip():
             # LLaVA renders an empty turn as "ROLE:" with no separator, which breaks its own
@@ -122,9 +130,10 @@ def _check_turns(turns: list[Turn]) -> None:
                                               f"turn {i} is empty")
 
 
-def render(template: str, turns: list[Turn], plain_eos: bool = False) -> _Renderer:
-    _check_turns(turns)
-    r = _Renderer()
+def render(template: str, turns: list[Turn], plain_eos: bool = False,
+           image_tags: bool = True) -> _Renderer:
+    _check_turns(turns, image_tags)
+    r = _Renderer(image_tags)
     r.special("bos")
     if template == "plain":
         # preprocess_plain: the human turn is replaced by its image(s); the caption and LLaVA's
@@ -158,22 +167,26 @@ def render(template: str, turns: list[Turn], plain_eos: bool = False) -> _Render
     return r
 
 
-def tokenize(template: str, turns: list[Turn], tokenizer, plain_eos: bool = False) -> Tokenized:
+def tokenize(template: str, turns: list[Turn], tokenizer, plain_eos: bool = False,
+             image_tags: bool = True) -> Tokenized:
     """Render + tokenize + mask + verify; raises TemplateError with the reject reason.
 
     ``tokenizer``: a fast HF tokenizer or ``legacy_tokenizer.SentencePieceSegments`` (text
-    segments -> ids + character offsets, ``decode``, ``bos_token_id``/``eos_token_id``)."""
+    segments -> ids + character offsets, ``decode``, ``bos_token_id``/``eos_token_id``).
+    ``image_tags``: whether ``<image>`` is an image placeholder (False: a text-only record)."""
     for i, t in enumerate(turns):
         special = next((s for s in getattr(tokenizer, "all_special_tokens", ()) if s in t.text), None)
         if special is not None:
             # LLaVA's slow tokenizer would turn the text into a special id ("</s>" also splits
             # its rounds and masks the sample whole).
             raise TemplateError("special_token_in_text", f"turn {i} contains {special!r}")
-    r = render(template, turns, plain_eos)
+    r = render(template, turns, plain_eos, image_tags)
+    # False for a non-legacy SentencePiece tokenizer: no prefix on the text after </s>.
+    prefix_after_special = getattr(tokenizer, "prefix_after_special", True)
     ids: list[int] = []
     labels: list[int] = []
     answer_of: list[int | None] = []
-    for piece in r.pieces:
+    for n, piece in enumerate(r.pieces):
         if isinstance(piece, _Special):
             tid = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
                    "image": IMAGE_TOKEN_ID}[piece.kind]
@@ -181,7 +194,9 @@ def tokenize(template: str, turns: list[Turn], tokenizer, plain_eos: bool = Fals
             labels.append(tid if piece.turn is not None else IGNORE_INDEX)
             answer_of.append(piece.turn)
             continue
-        enc = tokenizer(piece.text, add_special_tokens=False, return_offsets_mapping=True)
+        after = n > 0 and isinstance(r.pieces[n - 1], _Special) and r.pieces[n - 1].kind == "eos"
+        extra = {} if prefix_after_special or not after else {"after_special": True}
+        enc = tokenizer(piece.text, add_special_tokens=False, return_offsets_mapping=True, **extra)
         for tid, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
             owner = _owner(piece, start, end)
             ids.append(tid)

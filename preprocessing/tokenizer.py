@@ -1,4 +1,5 @@
-"""Tokenizer loading, identity hashing, and the Mistral SentencePiece -> HF converter.
+"""Tokenizer loading, identity hashing, the folder's encoding flags as LLaVA's slow tokenizer
+reads them, and the Mistral SentencePiece -> HF converter.
 
 The converter exists so tests, the demo and the benchmark use a *real* 32000-piece Llama-family
 tokenizer without network access: the ``mistral_common`` wheel ships Mistral-7B's original
@@ -10,12 +11,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from vwlmm_data.contract import TokenizerInfo
+from vwlmm_data.storage import default_dir_mode
 
 
 def mistral_sentencepiece_path() -> Path:
@@ -60,6 +63,7 @@ def build_mistral_hf_tokenizer(out_dir: str | os.PathLike) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tok-", dir=out.parent))
     try:
+        staging.chmod(default_dir_mode())  # mkdtemp's 0700 would stay on the published folder
         with tempfile.TemporaryDirectory() as tmp:
             shutil.copy(mistral_sentencepiece_path(), Path(tmp) / "tokenizer.model")
             # legacy=False: the non-legacy Llama handling of spaces after special tokens, as
@@ -75,6 +79,36 @@ def build_mistral_hf_tokenizer(out_dir: str | os.PathLike) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+# The tokenizer_config.json keys LLaVA's pinned slow LlamaTokenizer reads, with its defaults.
+# ``add_prefix_space`` is recorded only: that tokenizer does not read it.
+SLOW_TOKENIZER_DEFAULTS = {"legacy": True, "add_bos_token": True, "add_eos_token": False,
+                           "add_prefix_space": None}
+
+
+def slow_tokenizer_flags(tokenizer_dir: str) -> dict:
+    """The encoding flags of the folder as LLaVA's slow tokenizer applies them (defaults for
+    absent or null keys); recorded in the manifest's ``tokenizer.encoding``.
+
+    Refused: ``add_bos_token: false`` and ``add_eos_token: true``. ``preprocess_v1`` counts one
+    BOS per segment and no EOS, so with either flag LLaVA masks every multi-segment sample."""
+    path = os.path.join(tokenizer_dir, "tokenizer_config.json")
+    config = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    flags = {k: (default if config.get(k) is None else config[k])
+             for k, default in SLOW_TOKENIZER_DEFAULTS.items()}
+    for key in ("legacy", "add_bos_token", "add_eos_token"):
+        if not isinstance(flags[key], bool):
+            raise ValueError(f"{path}: {key!r} must be true or false, got {flags[key]!r}")
+    if not flags["add_bos_token"] or flags["add_eos_token"]:
+        raise ValueError(f"{path}: add_bos_token={flags['add_bos_token']}, add_eos_token="
+                         f"{flags['add_eos_token']}: LLaVA's label counting needs BOS before and "
+                         "no EOS after each segment (it masks every sample otherwise)")
+    return flags
+
 
 
 # The files that decide how a Hugging Face tokenizer encodes, besides its class's vocabulary
@@ -112,8 +146,10 @@ def tokenizer_files(path: str, tok) -> list[str]:
     return sorted(n for n in names if os.path.isfile(os.path.join(path, n)))
 
 
-def tokenizer_identity(path: str) -> TokenizerInfo:
-    """Name + sha256 over the tokenizer's own files (names and contents, sorted).
+def tokenizer_identity(path: str, backend: str | None = None) -> TokenizerInfo:
+    """Name + sha256 over the tokenizer's own files (names and contents, sorted), and what the
+    resolved ``backend`` (``PreprocessConfig.tokenizer_backend``) encodes with: for
+    ``sentencepiece``, the folder's ``slow_tokenizer_flags`` (None: not recorded).
 
     Only ``tokenizer_files``: a model folder used as the tokenizer (``--tokenizer
     /models/vicuna-7b``) also holds gigabytes of weights, which do not change the encoding.
@@ -130,4 +166,7 @@ def tokenizer_identity(path: str) -> TokenizerInfo:
         digest.update(name.encode() + b"\0")
         with open(full, "rb") as f:
             digest.update(hashlib.file_digest(f, "sha256").digest())
-    return TokenizerInfo(name_or_path=str(path), sha256=digest.hexdigest(), vocab_size=len(tok))
+    encoding = {} if backend is None else {
+        "backend": backend, **(slow_tokenizer_flags(path) if backend == "sentencepiece" else {})}
+    return TokenizerInfo(name_or_path=str(path), sha256=digest.hexdigest(), vocab_size=len(tok),
+                         encoding=encoding)

@@ -6,21 +6,12 @@ Both are byte-deterministic (fixed tar mtime/owner, no timestamps in Arrow), whi
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import pyarrow as pa
 import webdataset as wds
 
-from preprocessing.encode import Sample, header_bytes
 from vwlmm_data.contract import ARROW_SCHEMA
+from vwlmm_data.samples import Sample, to_members
 from vwlmm_data.storage import S3Options, StagedFile
-
-
-def _npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr, dtype=np.int32), allow_pickle=False)
-    return buf.getvalue()
 
 
 class WebDatasetShardWriter:
@@ -35,12 +26,8 @@ class WebDatasetShardWriter:
         self.end_offset = 0  # where the last sample ends (the end-of-archive blocks follow)
 
     def write(self, s: Sample) -> None:
-        obj = {"__key__": s.key, "json": header_bytes(s),
-               "input_ids.npy": _npy(s.input_ids), "labels.npy": _npy(s.labels)}
-        for i, jpg in enumerate(s.images):
-            obj[f"img{i}.jpg"] = jpg
         self.sample_offsets.append(self._tar.tarstream.offset)
-        self._tar.write(obj)
+        self._tar.write(to_members(s))
 
     def commit(self) -> None:
         self.end_offset = self._tar.tarstream.offset

@@ -9,7 +9,7 @@ written by a later version keeps the fields this code does not know: they are ca
 
 Images are stored un-normalised (JPEG RGB at the vision resolution); the manifest's ``vision``
 section names the encoder the images were prepared for and the mean/std the trainer normalises
-with, taken from the encoder table in ``megatron_vwlmm/vision/encoders.py``. A manifest
+with, taken from the encoder table in ``vwlmm_data/encoders.py``. A manifest
 without that section was written for CLIP, the only encoder that existed before it.
 """
 
@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 import pyarrow as pa
 
-from megatron_vwlmm.vision.encoders import get_encoder_kind
+from vwlmm_data.encoders import get_encoder_kind
 from vwlmm_data.storage import S3Options, join, read_bytes, write_bytes
 
 # LLaVA's IMAGE_TOKEN_INDEX: a negative id can never collide with a real vocabulary entry, and
@@ -135,13 +135,17 @@ class TokenizerInfo(_Record):
     name_or_path: str
     sha256: str
     vocab_size: int
+    # the folder's flags as the encoding applied them (``legacy``, ``add_bos_token``, ...;
+    # preprocessing/legacy_tokenizer.py); empty when unknown
+    encoding: dict = field(default_factory=dict, hash=False)
     extra: dict = _extra()
 
     @classmethod
     def from_dict(cls, data: Any, origin: str = "manifest") -> "TokenizerInfo":
         known, extra = _split_fields(cls, data, origin, "tokenizer")
         return cls(name_or_path=known["name_or_path"], sha256=known["sha256"],
-                   vocab_size=int(known["vocab_size"]), extra=extra)
+                   vocab_size=int(known["vocab_size"]), encoding=dict(known.get("encoding", {})),
+                   extra=extra)
 
 
 @dataclass(frozen=True)
@@ -156,7 +160,7 @@ class VisionInfo(_Record):
 
     @classmethod
     def of(cls, encoder: str) -> "VisionInfo":
-        """The entry of encoder kind ``encoder`` in ``megatron_vwlmm/vision/encoders.py``."""
+        """The entry of encoder kind ``encoder`` in ``vwlmm_data/encoders.py``."""
         kind = get_encoder_kind(encoder)
         return cls(encoder=kind.name, image_mean=tuple(kind.image_mean),
                    image_std=tuple(kind.image_std))
@@ -185,13 +189,18 @@ class Statistics(_Record):
     num_supervised_tokens: int
     num_images: int
     num_text_only: int  # samples without an image
+    # samples kept after an adjustment their source names in the record's meta "adjusted"
+    # (e.g. preprocessing/sources/llava.py ADJUSTMENTS) -> count
+    adjusted: dict = field(default_factory=dict, hash=False)
     extra: dict = _extra()
 
     @classmethod
     def from_dict(cls, data: Any, origin: str = "manifest") -> "Statistics":
         known, extra = _split_fields(cls, data, origin, "statistics")
-        ints = {k: int(v) for k, v in known.items() if k not in ("min_tokens", "mean_tokens")}
+        ints = {k: int(v) for k, v in known.items()
+                if k not in ("min_tokens", "mean_tokens", "adjusted")}
         return cls(**ints, mean_tokens=float(known["mean_tokens"]),
+                   adjusted={str(k): int(v) for k, v in known.get("adjusted", {}).items()},
                    min_tokens=None if known["min_tokens"] is None else int(known["min_tokens"]),
                    extra=extra)
 

@@ -339,6 +339,31 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """This process's umask, read without changing it where the OS allows (Linux's
+    ``/proc/self/status``; elsewhere set and restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the umask."""
+    return 0o666 & ~current_umask()
+
+
+def default_dir_mode() -> int:
+    """The mode ``os.mkdir()`` gives a new folder: 0777 less the umask."""
+    return 0o777 & ~current_umask()
+
+
 class StagedFile:
     """A local temp file (``.file``, binary) that becomes ``target`` on ``commit()`` or
     disappears on ``abort()``; readers never see a partial ``target``.
@@ -356,6 +381,9 @@ class StagedFile:
             folder = os.path.dirname(os.path.abspath(target))
             _makedirs_durable(folder)
         fd, self.tmp = tempfile.mkstemp(prefix=STAGING_PREFIX, suffix=STAGING_SUFFIX, dir=folder)
+        # mkstemp creates 0600; the published file gets the mode open() would give it (0644
+        # under umask 022), so other accounts (a training job, a colleague) can read the data.
+        os.fchmod(fd, default_file_mode())
         self.file: BinaryIO = os.fdopen(fd, "wb")
 
     def commit(self) -> None:

@@ -7,6 +7,7 @@ A checkpoint root (the trainer's ``<run_dir>/checkpoints``)::
       vwlmm_checkpoint.json     the marker (run id, iteration): vwlmm deletes only folders
                                 that carry it
       vision_tail.safetensors   vision layers the encoder does not run (``metadata.py``)
+      fingerprint.json          per-tensor sums every load verifies (``fingerprint.py``)
     iter_0000140.tmp/         a save being written (or killed midway): never read
     iter_0000100.old/         a committed folder being replaced or pruned
 
@@ -51,6 +52,7 @@ from vwlmm_data.storage import fsync_dir
 LATEST = "latest"
 MARKER_FILE = "vwlmm_checkpoint.json"
 VISION_TAIL_FILE = "vision_tail.safetensors"
+FINGERPRINT_FILE = "fingerprint.json"
 STAGING_SUFFIX = ".tmp"
 DISPLACED_SUFFIX = ".old"
 _NAME = re.compile(r"iter_(\d{7})")

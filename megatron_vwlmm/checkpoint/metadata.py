@@ -20,6 +20,11 @@ from megatron_vwlmm.checkpoint.layout import VISION_TAIL_FILE
 
 CONFIG_KEY = "vwlmm_config"
 PROVENANCE_KEY = "provenance"
+# The data tokenizer a trainer checkpoint's weights were trained on (the manifest's
+# ``TokenizerInfo`` as a dict: name_or_path, sha256, vocab_size); a resume compares it.
+TOKENIZER_KEY = "data_tokenizer"
+# The run's TrainConfig as a dict (pipeline/config.py), in a trainer checkpoint's common state.
+TRAIN_CONFIG_KEY = "config"
 
 
 # -- VWLMMConfig <-> plain dict ---------------------------------------------------------------

@@ -21,6 +21,8 @@ EPILOG = """examples:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from megatron_vwlmm.convert.processor import CHAT_TEMPLATES
+
     p = argparse.ArgumentParser(
         prog="vwlmm-convert", description=__doc__, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,15 +62,20 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="new HF folder")
     exp.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     exp.add_argument("--tokenizer", help="HF tokenizer folder (default: the one the checkpoint "
-                                         "records, i.e. the imported LLM's, also after training)")
-    exp.add_argument("--template", choices=("vicuna_v1", "mistral"),
-                     help="chat template (default by decoder family)")
+                                         "records: the imported LLM's, else the one the run's "
+                                         "data was preprocessed with); must exist")
+    exp.add_argument("--template", choices=tuple(CHAT_TEMPLATES),
+                     help="chat template (default: the run data's template, else by decoder "
+                          "family)")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s vwlmm-convert %(message)s")
+    from megatron_vwlmm.parallel.megatron_compat import quiet_known_warnings
+
+    quiet_known_warnings()
     from megatron_vwlmm.convert.errors import (
         IncompleteCheckpointError,
         UnsupportedModelError,

@@ -8,12 +8,14 @@ shard's contiguous copies at a time next to the model it converts from.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Mapping, Optional
 
 import torch
 
 from megatron_vwlmm.convert.errors import IncompleteCheckpointError
+from vwlmm_data.storage import default_file_mode
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -42,8 +44,16 @@ class LazyTensors(Mapping[str, torch.Tensor]):
 
 
 def _index_files(index: Path) -> Dict[str, Path]:
-    """key -> shard file of a sharded checkpoint's index, every shard checked to exist."""
+    """key -> shard file of a sharded checkpoint's index, every shard checked to exist and to
+    lie inside the folder: an index naming ``../x``, an absolute path or a symlink that leads
+    out would make an import read (and a later export republish) files of another folder."""
     weight_map = json.loads(index.read_text())["weight_map"]
+    root = index.parent.resolve()
+    outside = sorted({f for f in weight_map.values()
+                      if not isinstance(f, str) or root not in (root / f).resolve().parents})
+    if outside:
+        raise IncompleteCheckpointError(f"{index} names shard files outside {index.parent}: "
+                                        f"{outside}; refusing to read them")
     missing = sorted({f for f in weight_map.values() if not (index.parent / f).is_file()})
     if missing:
         raise IncompleteCheckpointError(f"{index} names missing shard files {missing}")
@@ -134,6 +144,8 @@ def write_hf_tensors(state: Mapping[str, torch.Tensor], folder: str | Path, *,
                 tensor = tensor.to(dtype)
             shard[key] = tensor.contiguous().cpu().clone()
         save_file(shard, str(folder / filename), metadata={"format": "pt"})
+        # safetensors writes through a 0600 temp file; give the shard the mode open() would.
+        os.chmod(folder / filename, default_file_mode())
         del shard
         if progress is not None:
             progress(done, total)

@@ -13,9 +13,8 @@ The HF side is split by component so each maps onto a stock class:
 - ``projector``: LLaVA's ``mlp2x_gelu`` as ``{0,2}.{weight,bias}`` (nn.Sequential indices)
 - ``vm_head``: ``weight``
 
-Layouts (megatron-core): the fused QKV weight is grouped per query group,
-``[q heads of the group (num_heads/num_groups x d), k (d), v (d)]`` for each group; the SwiGLU
-fc1 weight is ``[gate; up]``. HF keeps q/k/v and gate/up separate. Both RoPE conventions are
+Layouts (megatron-core): the fused QKV weight is grouped per query group (``fused_qkv.py``); the
+SwiGLU fc1 weight is ``[gate; up]``. HF keeps q/k/v and gate/up separate. Both RoPE conventions are
 ``rotate_half`` (HF Llama checkpoints are already permuted), so no permutation is needed.
 """
 
@@ -25,7 +24,9 @@ from typing import Dict, Mapping
 
 import torch
 
+from megatron_vwlmm.convert.fused_qkv import fuse_qkv, split_qkv
 from megatron_vwlmm.model.config import VWLMMConfig
+from megatron_vwlmm.vision.hf_formats import hf_format
 
 Tensors = Dict[str, torch.Tensor]
 
@@ -43,30 +44,6 @@ def canonical_megatron_name(name: str) -> str:
         if name.endswith(te_suffix):
             return name[: -len(te_suffix)] + local_suffix
     return name
-
-
-# -- fused tensor layouts ----------------------------------------------------------------------
-
-def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
-             num_groups: int) -> torch.Tensor:
-    """HF q/k/v (weight [out, in] or bias [out]) -> megatron's grouped QKV."""
-    head_dim = k.shape[0] // num_groups
-    per_group = num_heads // num_groups
-    tail = q.shape[1:]
-    q = q.reshape(num_groups, per_group * head_dim, *tail)
-    k = k.reshape(num_groups, head_dim, *tail)
-    v = v.reshape(num_groups, head_dim, *tail)
-    return torch.cat([q, k, v], dim=1).reshape(-1, *tail)
-
-
-def split_qkv(qkv: torch.Tensor, num_heads: int, num_groups: int):
-    """megatron's grouped QKV -> HF (q, k, v)."""
-    per_group = num_heads // num_groups
-    head_dim = qkv.shape[0] // (num_groups * (per_group + 2))
-    tail = qkv.shape[1:]
-    grouped = qkv.reshape(num_groups, (per_group + 2) * head_dim, *tail)
-    q, k, v = torch.split(grouped, [per_group * head_dim, head_dim, head_dim], dim=1)
-    return (q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail))
 
 
 # -- megatron -> HF ------------------------------------------------------------------------------
@@ -98,8 +75,6 @@ def megatron_to_hf(state: Mapping[str, torch.Tensor], config: VWLMMConfig) -> Di
         llm[dst + "post_attention_layernorm.weight"] = state[src + "pre_mlp_layernorm.weight"]
 
     if "vision_model.conv1.weight" in state:
-        from megatron_vwlmm.vision.hf_formats import hf_format
-
         vision.update(hf_format(vis.kind).to_hf(state, vis))
         for kind in ("weight", "bias"):
             out["projector"][f"0.{kind}"] = state[f"adapter.encoder.linear_fc1.{kind}"]
@@ -140,8 +115,6 @@ def hf_to_megatron(components: Mapping[str, Mapping[str, torch.Tensor]],
 
     vision = components.get("vision") or {}
     if vision:
-        from megatron_vwlmm.vision.hf_formats import hf_format
-
         state.update(hf_format(vis.kind).from_hf(vision, vis))
     projector = components.get("projector") or {}
     for kind in ("weight", "bias") if projector else ():

@@ -24,6 +24,7 @@ from typing import Any, Dict, Iterator, Mapping, Optional
 
 import torch
 
+from megatron_vwlmm.checkpoint import fingerprint
 from megatron_vwlmm.checkpoint.layout import VISION_TAIL_FILE, find_checkpoint, write_file_atomic
 from megatron_vwlmm.checkpoint.metadata import (
     CONFIG_KEY,
@@ -32,8 +33,10 @@ from megatron_vwlmm.checkpoint.metadata import (
     config_to_dict,
     model_config_of,
 )
+from megatron_vwlmm.checkpoint.safe_read import CheckpointError, require_loadable
 from megatron_vwlmm.convert.errors import IncompleteCheckpointError
 from megatron_vwlmm.model.config import VWLMMConfig
+from vwlmm_data.storage import default_file_mode
 
 IMPORT_RECORD_FILE = "vwlmm_config.json"
 
@@ -108,8 +111,10 @@ def save_checkpoint(model, config: VWLMMConfig, out_dir: str | Path, *, layout: 
         PROVENANCE_KEY: provenance.to_dict(),
     }
     dist_checkpointing.save(sharded, str(out), sharded_strategy=("torch_dist", 1))
+    fingerprint.write(out, fingerprint.fingerprint([model]))
     if vision_tail:
         save_file({k: v.contiguous() for k, v in vision_tail.items()}, str(out / VISION_TAIL_FILE))
+        os.chmod(out / VISION_TAIL_FILE, default_file_mode())  # safetensors writes 0600
     record = {CONFIG_KEY: config_to_dict(config), "layout": dict(layout),
               PROVENANCE_KEY: provenance.to_dict()}
     write_file_atomic(out / IMPORT_RECORD_FILE, json.dumps(record, indent=2, default=str).encode())
@@ -161,7 +166,10 @@ def resolve_checkpoint(path: str | Path) -> CheckpointSource:
             "which is never complete.")
     if not list(path.glob("*.distcp")):
         raise IncompleteCheckpointError(f"{path}: no *.distcp tensor files")
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    try:
+        common = require_loadable(path)
+    except CheckpointError as exc:
+        raise IncompleteCheckpointError(str(exc)) from None
     where = f"{path}/common.pt"
     try:
         config = model_config_of(common, where)
@@ -174,6 +182,7 @@ def load_checkpoint(source: CheckpointSource):
     """A TP1PP1 model holding the checkpoint's weights (whatever layout saved them)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     model = full_model(source.config)
     try:
@@ -182,5 +191,13 @@ def load_checkpoint(source: CheckpointSource):
         raise IncompleteCheckpointError(
             f"{source.path}: the checkpoint does not hold every tensor of the model its config "
             f"describes ({exc})") from exc
+    except CheckpointException as exc:
+        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        raise IncompleteCheckpointError(f"{source.path}: a tensor file is damaged ({last})") \
+            from exc
     model.load_state_dict(loaded["model"])
+    try:
+        fingerprint.verify(source.path, fingerprint.fingerprint([model]), [fingerprint.MODEL])
+    except fingerprint.FingerprintMismatch as exc:
+        raise IncompleteCheckpointError(str(exc)) from None
     return model

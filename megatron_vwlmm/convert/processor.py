@@ -1,6 +1,20 @@
 """The processor saved beside a llava-hf export: tokenizer with ``<image>``, image processor in
 LLaVA's pad mode with the encoder kind's normalisation, chat template matching the training
-templates of ``preprocessing``."""
+templates of ``preprocessing``.
+
+The prompt a user writes for stock ``processor(images=..., text=prompt)`` must encode to the
+ids training saw. ``preprocessing/templates.py`` puts BOS first and tokenizes the text pieces
+between special tokens (BOS, ``<image>``, EOS) on their own, as LLaVA's slow tokenizer does:
+the piece after BOS or ``<image>`` starts with its own SentencePiece dummy prefix, and so does
+the piece after ``</s>`` unless the folder says ``"legacy": false``
+(``preprocessing/legacy_tokenizer.py``). ``encode_as_training`` gives the exported tokenizer
+BOS (it adds it itself, as Llama / Vicuna / LLaVA-1.5 tokenizers do, so the chat templates
+carry no ``bos_token``) and, for a Metaspace tokenizer, a prefix on every piece rather than
+only the first. The prompts the README documents ("Hugging Face conversion": ``<image>`` for
+``plain``, the chat template's rendering for the others) then reproduce the training ids up to
+the answer, BOS included; later rounds too, except the "▁" after ``</s>`` of a non-legacy
+folder, which no tokenizer setting can drop while keeping the one after ``<image>``.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +23,10 @@ from typing import Optional
 
 from megatron_vwlmm.convert.errors import VocabMismatchError
 from megatron_vwlmm.model.config import VWLMMConfig
-from megatron_vwlmm.vision import get_encoder_kind
+from vwlmm_data.encoders import get_encoder_kind
 
 IMAGE_TOKEN = "<image>"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 # Jinja without whitespace trimming: the templates are single-line, every space is meant.
 _CONTENT = (
@@ -20,12 +35,21 @@ _CONTENT = (
     "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}"
     "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
 )
-# preprocessing/templates.py renderings:
+# preprocessing/templates.py renderings, BOS added by the tokenizer:
+#   plain:     <s><image>caption\n            (the user turn is its images only)
 #   vicuna_v1: <s>SYSTEM USER: <image>\nq ASSISTANT: a</s>USER: q2 ASSISTANT: a2</s>
 #   mistral:   <s>[INST] <image>\nq [/INST]a</s>[INST] q2 [/INST]a2</s>
 CHAT_TEMPLATES = {
+    "plain": (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}"
+        "{% if message['content'] is not string %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}<image>{% endif %}{% endfor %}{% endif %}"
+        "{% elif message['role'] == 'assistant' %}" + _CONTENT + "\n"
+        "{% endif %}{% endfor %}"
+    ),
     "vicuna_v1": (
-        "{{ bos_token }}{% for message in messages %}"
+        "{% for message in messages %}"
         "{% if message['role'] == 'user' %}"
         "{% if loop.first %}A chat between a curious user and an artificial intelligence "
         "assistant. The assistant gives helpful, detailed, and polite answers to the user's "
@@ -34,7 +58,7 @@ CHAT_TEMPLATES = {
         "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
     ),
     "mistral": (
-        "{{ bos_token }}{% for message in messages %}"
+        "{% for message in messages %}"
         "{% if message['role'] == 'user' %}[INST] " + _CONTENT + " [/INST]"
         "{% elif message['role'] == 'assistant' %}" + _CONTENT + "{{ eos_token }}"
         "{% endif %}{% endfor %}"
@@ -61,7 +85,31 @@ def load_tokenizer_with_image_token(tokenizer_dir: str | Path, vocab_size: int):
             f"{vocab_size} + 1 (one image-token row is appended at most)")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    encode_as_training(tokenizer)
     return tokenizer, image_token_id
+
+
+def encode_as_training(tokenizer) -> None:
+    """Make ``tokenizer`` encode a prompt as preprocessing encoded training text (module
+    docstring): BOS first, and (Metaspace tokenizers) a dummy prefix at the start of every piece
+    between special tokens. Both survive ``save_pretrained``: the BOS rule lives in
+    ``tokenizer.json``'s post processor, and Llama tokenizers, which rebuild their pre-tokenizer
+    on load, get ``legacy=True`` (transformers' name for prefixing every piece)."""
+    from tokenizers.pre_tokenizers import Metaspace
+
+    if tokenizer.bos_token_id is not None:
+        tokenizer.add_bos_token = True  # the setter rewrites the backend's post processor
+        if tokenizer("a").input_ids[:1] != [tokenizer.bos_token_id]:
+            raise ValueError(f"{tokenizer.name_or_path}: the tokenizer cannot be made to add "
+                             f"its BOS token {tokenizer.bos_token!r}")
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre = getattr(backend, "pre_tokenizer", None)
+    if isinstance(pre, Metaspace) and pre.prepend_scheme == "first":
+        backend.pre_tokenizer = Metaspace(replacement=pre.replacement, prepend_scheme="always",
+                                          split=pre.split)
+        if hasattr(tokenizer, "legacy"):
+            tokenizer.legacy = True
+            tokenizer.init_kwargs["legacy"] = True  # what save_pretrained writes
 
 
 def build_processor(tokenizer, config: VWLMMConfig, template: str):
@@ -94,9 +142,25 @@ def default_template(architecture: str) -> str:
     return "mistral" if architecture == "mistral" else "vicuna_v1"
 
 
+def is_tokenizer_dir(folder: Optional[str | Path]) -> bool:
+    return bool(folder) and any((Path(folder) / n).is_file() for n in TOKENIZER_FILES)
+
+
 def find_tokenizer_dir(*candidates: Optional[str]) -> Optional[Path]:
     for folder in candidates:
-        if folder and any((Path(folder) / n).is_file()
-                          for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        if is_tokenizer_dir(folder):
             return Path(folder)
     return None
+
+
+def require_tokenizer_dir(folder: str | Path) -> Path:
+    """``folder`` as a tokenizer folder, or an error naming it: a tokenizer asked for by name
+    is never silently left out of an export."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer {folder}: no such folder; pass the Hugging Face "
+                                "tokenizer folder the data was preprocessed with")
+    if not is_tokenizer_dir(path):
+        raise ValueError(f"tokenizer {folder}: holds none of {', '.join(TOKENIZER_FILES)}; pass "
+                         "the Hugging Face tokenizer folder the data was preprocessed with")
+    return path

@@ -65,6 +65,18 @@ def top_visual_words(visual_word_logits):
     return visual_word_logits.float().softmax(dim=-1).max(dim=-1)
 
 
+def require_processor(model_dir: str) -> None:
+    """FileNotFoundError saying how to get one when ``model_dir`` has no tokenizer (the labels
+    are its tokens): an export written without a tokenizer."""
+    from megatron_vwlmm.convert.processor import is_tokenizer_dir
+
+    if not is_tokenizer_dir(model_dir):
+        raise FileNotFoundError(
+            f"{model_dir} has no processor (it was exported without a tokenizer); export again "
+            "with `vwlmm-convert export --checkpoint <checkpoint> --out <new folder> --tokenizer "
+            "<HF tokenizer folder>`")
+
+
 def visual_word_grid(model_dir: str, image) -> List[List[VisualWord]]:
     """Top-1 visual word and its probability of every patch, as rows x columns."""
     import torch
@@ -72,6 +84,7 @@ def visual_word_grid(model_dir: str, image) -> List[List[VisualWord]]:
 
     from megatron_vwlmm.convert.modeling_vwlmm import VWLMMForConditionalGeneration
 
+    require_processor(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
     model = VWLMMForConditionalGeneration.from_pretrained(model_dir).eval()
     pixels = processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
@@ -214,10 +227,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="output PNG; the token/probability table goes to the same name .txt")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s vwlmm-visualize %(message)s")
-    for path in (args.model, args.image):
-        if not Path(path).exists():
-            print(f"vwlmm-visualize: error: {path} does not exist", file=sys.stderr)
-            return 2
+    try:
+        for path in (args.model, args.image):
+            if not Path(path).exists():
+                raise FileNotFoundError(f"{path} does not exist")
+        require_processor(args.model)
+    except FileNotFoundError as exc:
+        print(f"vwlmm-visualize: error: {exc}", file=sys.stderr)
+        return 2
     png, table = visualize(args.model, args.image, args.out)
     print(table.read_text(), end="")
     print(f"vwlmm-visualize: wrote {png} and {table}")

@@ -3,21 +3,21 @@
 Three groups, each a dataclass validated at construction: the decoder (a Llama/Vicuna/Mistral
 LLM), the vision encoder (a ViT of one of the kinds in ``megatron_vwlmm/vision``: CLIP, SigLIP)
 and the VW-LMM specifics (visual-word loss, PIF, what is frozen, layer implementation).
-``to_*_transformer_config`` turn them into megatron-core ``TransformerConfig`` objects, the one
-place where our fields meet megatron's.
+``decoder_transformer_config`` / ``vision_transformer_config`` / ``adapter_transformer_config``
+turn them into megatron-core ``TransformerConfig`` objects, the one place where our fields meet
+megatron's; ``RuntimeOptions`` carries how one job runs the model (recompute, interleaving,
+FP8 recipe, loss normalisation), which no checkpoint records.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
-import torch.nn.functional as F
-
-from megatron_vwlmm.vision import ENCODER_KINDS, get_encoder_kind
 from vwlmm_data.contract import IGNORE_INDEX, IMAGE_TOKEN_ID  # noqa: F401  (re-exported)
+from vwlmm_data.encoders import ENCODER_KINDS, get_encoder_kind
 
 _VM_TARGET_GRAD = ("full", "detach")
 _TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
@@ -25,11 +25,23 @@ _TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 # (``model/attention.py``); unfused = megatron's DotProductAttention, kept for comparison.
 ATTENTION_BACKENDS = ("auto", "sdpa", "unfused")
 _FP8_FORMATS = (None, "hybrid", "e4m3")
+# megatron-core's ``Fp8Recipe`` values (megatron/core/enums.py), spelled here so that configs
+# are read without importing megatron; a test keeps the two equal.
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise", "custom")
 
 
 def _require(condition: bool, field_name: str, why: str) -> None:
     if not condition:
         raise ValueError(f"{field_name}: {why}")
+
+
+def _require_one_of(value: Any, choices: tuple, field_name: str) -> None:
+    """``value`` in ``choices``, else an error that suggests the closest choice."""
+    if value in choices:
+        return
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices if c is not None], 1)
+    raise ValueError(f"{field_name}: {value!r} is not one of {choices}"
+                     + (f"; did you mean {close[0]!r}?" if close else ""))
 
 
 @dataclass(frozen=True)
@@ -87,8 +99,7 @@ class VisionConfig:
         for name in ("image_size", "patch_size", "num_layers", "hidden_size", "ffn_hidden_size",
                      "num_attention_heads", "norm_epsilon"):
             _require(getattr(self, name) > 0, f"vision.{name}", "must be positive")
-        _require(self.kind in ENCODER_KINDS, "vision.kind",
-                 f"{self.kind!r} is not one of {ENCODER_KINDS}")
+        _require_one_of(self.kind, tuple(ENCODER_KINDS), "vision.kind")
         grid_error = get_encoder_kind(self.kind).grid_error(self.image_size, self.patch_size)
         _require(grid_error is None, "vision.image_size", str(grid_error))
         _require(-self.num_layers <= self.feature_layer <= -1, "vision.feature_layer",
@@ -133,13 +144,10 @@ class VWLMMConfig:
     name: str = "custom"
 
     def __post_init__(self) -> None:
-        _require(self.vm_target_grad in _VM_TARGET_GRAD, "vm_target_grad",
-                 f"{self.vm_target_grad!r} is not one of {_VM_TARGET_GRAD}")
-        _require(self.transformer_impl in _TRANSFORMER_IMPLS, "transformer_impl",
-                 f"{self.transformer_impl!r} is not one of {_TRANSFORMER_IMPLS}")
-        _require(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
-                 f"{self.attention_backend!r} is not one of {ATTENTION_BACKENDS}")
-        _require(self.fp8 in _FP8_FORMATS, "fp8", f"{self.fp8!r} is not one of {_FP8_FORMATS}")
+        _require_one_of(self.vm_target_grad, _VM_TARGET_GRAD, "vm_target_grad")
+        _require_one_of(self.transformer_impl, _TRANSFORMER_IMPLS, "transformer_impl")
+        _require_one_of(self.attention_backend, ATTENTION_BACKENDS, "attention_backend")
+        _require_one_of(self.fp8, _FP8_FORMATS, "fp8")
         _require(self.lambda_vm >= 0, "lambda_vm", "must be >= 0")
         _require(self.image_token_id < 0, "image_token_id",
                  "must be negative (a placeholder outside the vocabulary)")
@@ -151,7 +159,9 @@ class VWLMMConfig:
         return self.vision.num_patches
 
     @property
-    def params_dtype(self) -> torch.dtype:
+    def params_dtype(self):
+        import torch
+
         return torch.bfloat16 if self.bf16 else torch.float32
 
     def validate(self, tp: int = 1, pp: int = 1, vpp: Optional[int] = None) -> None:
@@ -173,6 +183,39 @@ class VWLMMConfig:
                  f"(pipeline_parallel={pp} x virtual={vpp or 1})")
         _require(d.num_layers % stages == 0, "decoder.num_layers",
                  f"{d.num_layers} layers are not divisible by {stages} pipeline stages")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How one job runs a model, as opposed to what the model is: never saved with its weights
+    (a checkpoint written with recompute loads without it, an export has no pipeline)."""
+
+    recompute_granularity: Optional[str] = None  # None, "full" or "selective"
+    recompute_method: Optional[str] = None  # "uniform" / "block" with "full"
+    recompute_num_layers: Optional[int] = None
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    sequence_parallel: bool = False
+    fp8_recipe: Optional[str] = None
+    # megatron's schedules leave the loss unaveraged and DDP leaves gradients unscaled by DP:
+    # the per-token loss is normalised by the global batch's totals (model/forward_step.py).
+    calculate_per_token_loss: bool = False
+
+    def recompute_fields(self) -> dict[str, Any]:
+        fields = {"recompute_granularity": self.recompute_granularity}
+        if self.recompute_granularity == "full":
+            fields.update(recompute_method=self.recompute_method,
+                          recompute_num_layers=self.recompute_num_layers or 1)
+        return {k: v for k, v in fields.items() if v is not None}
+
+    def decoder_fields(self) -> dict[str, Any]:
+        fields = dict(self.recompute_fields(), sequence_parallel=self.sequence_parallel,
+                      calculate_per_token_loss=self.calculate_per_token_loss)
+        if self.virtual_pipeline_model_parallel_size:
+            fields["virtual_pipeline_model_parallel_size"] = \
+                self.virtual_pipeline_model_parallel_size
+        if self.fp8_recipe is not None:
+            fields["fp8_recipe"] = self.fp8_recipe
+        return fields
 
 
 def replace(config: Any, **changes: Any) -> Any:
@@ -207,6 +250,8 @@ def _parallel_fields() -> dict[str, Any]:
 
 
 def _common_fields(config: VWLMMConfig) -> dict[str, Any]:
+    import torch
+
     on_gpu = torch.cuda.is_available()
     return dict(
         params_dtype=config.params_dtype,
@@ -228,8 +273,9 @@ def _common_fields(config: VWLMMConfig) -> dict[str, Any]:
     )
 
 
-def decoder_transformer_config(config: VWLMMConfig, overrides: Optional[dict] = None):
+def decoder_transformer_config(config: VWLMMConfig, runtime: Optional[RuntimeOptions] = None):
     """The decoder's megatron ``TransformerConfig`` (Llama style)."""
+    import torch
     from megatron.core.transformer import TransformerConfig
 
     d = config.decoder
@@ -243,7 +289,7 @@ def decoder_transformer_config(config: VWLMMConfig, overrides: Optional[dict] = 
         normalization="RMSNorm",
         layernorm_epsilon=d.norm_epsilon,
         gated_linear_unit=True,
-        activation_func=F.silu,
+        activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
         add_qkv_bias=False,
         init_method_std=d.init_method_std,
@@ -252,15 +298,16 @@ def decoder_transformer_config(config: VWLMMConfig, overrides: Optional[dict] = 
     )
     if config.fp8:
         fields.update(fp8=config.fp8)
-    fields.update(overrides or {})
+    fields.update((runtime or RuntimeOptions()).decoder_fields())
     return TransformerConfig(**fields)
 
 
-def vision_transformer_config(config: VWLMMConfig, overrides: Optional[dict] = None):
+def vision_transformer_config(config: VWLMMConfig, runtime: Optional[RuntimeOptions] = None):
     """The ViT's ``TransformerConfig``: pre-LayerNorm layers with biases everywhere, plus what
     its kind sets (the MLP activation: CLIP's quick-GELU, SigLIP's tanh GELU).
 
-    The vision encoder is never pipeline-split (it lives with the stages that need it)."""
+    The vision encoder is never pipeline-split (it lives with the stages that need it); of the
+    runtime options only layer recompute applies to it."""
     from megatron.core.transformer import TransformerConfig
 
     from megatron_vwlmm.vision.towers import get_tower
@@ -282,13 +329,13 @@ def vision_transformer_config(config: VWLMMConfig, overrides: Optional[dict] = N
     )
     fields.update(_parallel_fields())
     fields["pipeline_model_parallel_size"] = 1
-    allowed = {"recompute_granularity", "recompute_method", "recompute_num_layers"}
-    fields.update({k: v for k, v in (overrides or {}).items() if k in allowed})
+    fields.update((runtime or RuntimeOptions()).recompute_fields())
     return TransformerConfig(**fields)
 
 
 def adapter_transformer_config(config: VWLMMConfig):
     """Config for the ``mlp2x_gelu`` adapter (Linear(d_vis, h), GELU, Linear(h, h))."""
+    import torch
     from megatron.core.transformer import TransformerConfig
 
     # megatron's MLP maps input_size -> ffn_hidden_size -> hidden_size.
@@ -298,7 +345,7 @@ def adapter_transformer_config(config: VWLMMConfig):
         ffn_hidden_size=config.decoder.hidden_size,
         num_attention_heads=config.decoder.num_attention_heads,
         gated_linear_unit=False,
-        activation_func=F.gelu,
+        activation_func=torch.nn.functional.gelu,
         add_bias_linear=True,
         **_common_fields(config),
     )

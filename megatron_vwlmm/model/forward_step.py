@@ -1,4 +1,5 @@
-"""megatron schedule glue: one micro-batch through the model, and the loss reduction.
+"""megatron schedule glue: one micro-batch through the model, and the loss from per-position
+sums to the reduced step loss (``loss_func`` per micro-batch, ``reduce_step_losses`` per step).
 
 Two normalisations of the loss of a step:
 
@@ -91,3 +92,32 @@ def forward_step(batch: Union[VWLMMBatch, PackedSequence, None], model: Any,
             packing=batch.packing,
         )
     return output, functools.partial(loss_func, lambda_vm, token_totals=token_totals)
+
+
+def reduce_step_losses(losses_reduced: list, lambda_vm: float, token_weighted: bool,
+                       dp_group=None) -> dict:
+    """A step's losses over its micro-batches' ``loss_func`` metrics and the data-parallel ranks
+    (meaningful on the last pipeline stage): token-weighted (sums over counts: per-token
+    training and every validation), or the mean of micro-batch means (per-micro-batch
+    training, what that mode optimises)."""
+    import torch.distributed as dist
+
+    if not losses_reduced:
+        return {}
+    dp = dist.get_world_size(dp_group) if dp_group is not None else 1
+    if token_weighted:
+        keys = ("lm_sum", "lm_count", "vm_sum", "vm_count")
+        values = torch.stack([torch.stack([d[k].float() for d in losses_reduced]).sum(0)
+                              for k in keys]).double()
+        if dp > 1:
+            dist.all_reduce(values, group=dp_group)
+        lm_sum, lm_count, vm_sum, vm_count = values.cpu().tolist()
+        lm, vm = lm_sum / max(lm_count, 1), vm_sum / max(vm_count, 1)
+        return {"lm_loss": lm, "vm_loss": vm, "total_loss": lm + lambda_vm * vm}
+    keys = ("lm_loss", "total_loss", "vm_loss")
+    values = torch.stack([torch.stack([d[k].float() for d in losses_reduced]).mean(0)
+                          for k in keys])
+    if dp > 1:
+        dist.all_reduce(values, group=dp_group)
+        values /= dp
+    return {k: float(v) for k, v in zip(keys, values.cpu())}

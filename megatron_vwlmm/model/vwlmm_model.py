@@ -30,6 +30,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_vwlmm.losses import visual_word_kl
 from megatron_vwlmm.model.config import (
     IGNORE_INDEX,
+    RuntimeOptions,
     VWLMMConfig,
     adapter_transformer_config,
     decoder_transformer_config,
@@ -63,10 +64,10 @@ class VWLMMModel(MegatronModule):
         pre_process: bool = True,
         post_process: bool = True,
         vp_stage: Optional[int] = None,
-        transformer_overrides: Optional[dict] = None,
+        runtime: Optional[RuntimeOptions] = None,
     ) -> None:
         impl = resolve_impl(config)
-        decoder_config = decoder_transformer_config(config, transformer_overrides)
+        decoder_config = decoder_transformer_config(config, runtime)
         if decoder_config.sequence_parallel:
             raise ValueError(
                 "sequence_parallel: not supported yet by VW-LMM's image splicing (the spliced "
@@ -101,7 +102,7 @@ class VWLMMModel(MegatronModule):
         if self.needs_image_features:
             self.vision_model = self.tower.build(
                 v,
-                vision_transformer_config(config, transformer_overrides),
+                vision_transformer_config(config, runtime),
                 vision_layer_spec(impl, config.attention_backend),
                 norm_impl=vision_norm_impl(impl),
             )
@@ -289,7 +290,7 @@ def build_model(
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: Optional[int] = None,
-    transformer_overrides: Optional[dict] = None,
+    runtime: Optional[RuntimeOptions] = None,
 ) -> VWLMMModel:
     """megatron-style model provider for one pipeline chunk."""
     return VWLMMModel(
@@ -297,5 +298,5 @@ def build_model(
         pre_process=pre_process,
         post_process=post_process,
         vp_stage=vp_stage,
-        transformer_overrides=transformer_overrides,
+        runtime=runtime,
     )

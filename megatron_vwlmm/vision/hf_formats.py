@@ -20,7 +20,8 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 
-from megatron_vwlmm.vision.encoders import get_encoder_kind
+from megatron_vwlmm.convert.fused_qkv import fuse_qkv, split_qkv
+from vwlmm_data.encoders import get_encoder_kind
 
 Tensors = Dict[str, torch.Tensor]
 MEGATRON_PREFIX = "vision_model."
@@ -105,8 +106,6 @@ class HFVisionFormat:
     def to_hf(self, state: Mapping[str, torch.Tensor], vision) -> Tensors:
         """The HF tensors of the layers the megatron encoder runs, from its (canonical-named)
         ``vision_model.*`` tensors (views, no copies)."""
-        from megatron_vwlmm.convert.hf_mapping import split_qkv
-
         m = MEGATRON_PREFIX
         out = {hf: state[m + name] for name, hf in self.embeddings.items()}
         if "class_token" in self.embeddings:  # megatron [1, 1, d] (class_token_len 1), HF [d]
@@ -126,8 +125,6 @@ class HFVisionFormat:
     def from_hf(self, tensors: Mapping[str, torch.Tensor], vision) -> Tensors:
         """Inverse of ``to_hf``: megatron ``vision_model.*`` tensors of the layers run (later
         layers, the final LayerNorm and any pooling head are not part of the encoder)."""
-        from megatron_vwlmm.convert.hf_mapping import fuse_qkv
-
         m = MEGATRON_PREFIX
         out = {m + name: tensors[hf] for name, hf in self.embeddings.items()}
         if "class_token" in self.embeddings:

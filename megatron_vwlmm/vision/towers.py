@@ -22,7 +22,7 @@ from megatron.core.activations import quick_gelu
 from megatron.core.models.vision.clip_vit_model import CLIPViTModel
 from megatron.core.transformer.identity_op import IdentityOp
 
-from megatron_vwlmm.vision.encoders import get_encoder_kind
+from vwlmm_data.encoders import get_encoder_kind
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

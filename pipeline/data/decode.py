@@ -8,17 +8,14 @@ the mean/std of the vision encoder they were prepared for (the manifest's ``visi
 from __future__ import annotations
 
 import io
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
 from vwlmm_data.contract import IGNORE_INDEX, IMAGE_TOKEN_ID, VisionInfo
-
-
-class BadSampleError(ValueError):
-    """A stored sample breaks the data contract; the message names the sample and the shard."""
+from vwlmm_data.samples import BadSampleError
 
 
 def decode_image(jpeg: bytes, image_size: int, where: str, vision: VisionInfo) -> torch.Tensor:
@@ -38,10 +35,13 @@ def decode_image(jpeg: bytes, image_size: int, where: str, vision: VisionInfo) -
 
 
 def decode_sample(raw: Dict[str, Any], image_size: int, where: str,
-                  vision: VisionInfo) -> Dict[str, Any]:
+                  vision: VisionInfo, vocab_size: Optional[int] = None) -> Dict[str, Any]:
     """``raw``: {key, input_ids, labels, images (list of JPEG bytes), num_images}.
 
     Returns {key, input_ids (int64), labels (int64), images (list of [3,H,W] tensors)}.
+    With ``vocab_size``, every id must be a token of the vocabulary (or the image placeholder /
+    ignored label): an id outside it would index past the embedding (TP=1) or be silently
+    masked to a zero row by the vocab-parallel embedding (TP >= 2).
     """
     key = raw["key"]
     where = f"sample {key!r} in {where}"
@@ -57,6 +57,15 @@ def decode_sample(raw: Dict[str, Any], image_size: int, where: str,
                              f"num_images={raw.get('num_images')}; all three must agree")
     if (labels[input_ids == IMAGE_TOKEN_ID] != IGNORE_INDEX).any():
         raise BadSampleError(f"{where}: labels at image placeholders must be {IGNORE_INDEX}")
+    if vocab_size is not None:
+        for name, ids, allowed in (("input_ids", input_ids, IMAGE_TOKEN_ID),
+                                   ("labels", labels, IGNORE_INDEX)):
+            bad = ids[((ids < 0) | (ids >= vocab_size)) & (ids != allowed)]
+            if bad.size:
+                raise BadSampleError(
+                    f"{where}: {name} holds {bad.size} id(s) outside the model's vocabulary "
+                    f"[0, {vocab_size}) (e.g. {int(bad[0])}); the data was tokenized for "
+                    "another vocabulary or is damaged")
     return {
         "key": key,
         "input_ids": torch.from_numpy(input_ids),

@@ -68,6 +68,8 @@ class LoaderSpec:
     group_by_modality_length: bool = False
     # Module-level function (samples, spec) -> batch; None = the model's collate_samples.
     collate_fn: Optional[Callable] = None
+    # The model's vocabulary: every decoded sample's ids are checked against it (None: no check).
+    vocab_size: Optional[int] = None
 
 
     @property
@@ -127,11 +129,13 @@ class ArrowPositions(Dataset):
 
     def __init__(self, source: ArrowShards, rows: np.ndarray, seed: int, shuffle: bool,
                  image_size: int, vision: VisionInfo,
-                 grouping: Optional[ModalityLengthGrouping] = None) -> None:
+                 grouping: Optional[ModalityLengthGrouping] = None,
+                 vocab_size: Optional[int] = None) -> None:
         if len(rows) == 0:
             raise ValueError("the selected split holds no samples (check data.valid_fraction)")
         self.source, self.rows, self.seed, self.shuffle = source, rows, seed, shuffle
         self.image_size, self.vision, self.grouping = image_size, vision, grouping
+        self.vocab_size = vocab_size
 
     def __len__(self) -> int:  # positions are unbounded; this is one epoch
         return len(self.rows)
@@ -141,7 +145,7 @@ class ArrowPositions(Dataset):
             position_to_item(position, len(self.rows), self.seed, self.shuffle)
         row = int(self.rows[item])
         return decode_sample(self.source[row], self.image_size, self.source.where(row),
-                             self.vision)
+                             self.vision, self.vocab_size)
 
 
 class WebDatasetStream(IterableDataset):
@@ -193,7 +197,8 @@ class WebDatasetStream(IterableDataset):
             if len(pending) < mbs:
                 continue
             if index % workers == worker:
-                decoded = [decode_sample(r, spec.image_size, u, spec.vision) for r, u in pending]
+                decoded = [decode_sample(r, spec.image_size, u, spec.vision, spec.vocab_size)
+                           for r, u in pending]
                 yield collate(decoded, spec)
             pending, index = [], index + 1
 
@@ -231,7 +236,7 @@ class RankData:
         spec = self.spec
         if spec.format == "arrow":
             ds = ArrowPositions(self.source, self.train_rows, spec.seed, True, spec.image_size,
-                                spec.vision, self._grouping())
+                                spec.vision, self._grouping(), spec.vocab_size)
             sampler = rank_positions(consumed_samples, spec.global_batch_size,
                                      spec.samples_per_item, spec.dp_size, spec.dp_rank)
             return iter(_loader(ds, spec, batch_sampler=sampler,
@@ -255,10 +260,32 @@ class RankData:
         spec = self.spec
         if spec.format == "arrow":
             ds = ArrowPositions(self.source, self.valid_rows, spec.seed, False, spec.image_size,
-                                spec.vision)
+                                spec.vision, vocab_size=spec.vocab_size)
             sampler = rank_positions(0, spec.global_batch_size, spec.samples_per_item,
                                      spec.dp_size, spec.dp_rank)
             return iter(_loader(ds, spec, batch_sampler=sampler,
                                 collate_fn=functools.partial(collate, spec=spec)))
         return iter(_loader(WebDatasetStream(spec, "valid", 0, shuffle=False), spec,
                             batch_size=None))
+
+
+def build_rank_data(cfg, model_cfg, shards, s3: S3Options, dp_size: int):
+    """(LoaderSpec, RankData or None) of a run (``pipeline/config.py``'s ``TrainConfig``) on this
+    rank: only the first and last pipeline stages read data."""
+    from megatron.core import parallel_state as ps
+
+
+    spec = LoaderSpec(
+        shards=tuple(shards), format=shards[0].format, packing=cfg.data.packing,
+        group_by_modality_length=cfg.data.group_by_modality_length,
+        micro_batch_size=cfg.data.micro_batch_size, global_batch_size=cfg.data.global_batch_size,
+        dp_size=dp_size, dp_rank=ps.get_data_parallel_rank(with_context_parallel=True),
+        seed=cfg.data.seed, seq_length=model_cfg.decoder.seq_length,
+        num_patches=model_cfg.num_patches, image_size=model_cfg.vision.image_size,
+        pad_token_id=cfg.data.pad_token_id, vision=VisionInfo.of(model_cfg.vision.kind),
+        valid_fraction=cfg.data.valid_fraction,
+        num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor, s3=s3,
+        vocab_size=model_cfg.decoder.vocab_size)
+    needs_data = ps.is_pipeline_first_stage(ignore_virtual=True) or \
+        ps.is_pipeline_last_stage(ignore_virtual=True)
+    return spec, (RankData(spec) if needs_data else None)

@@ -1,13 +1,14 @@
 """Synthetic tokenized datasets written exactly per the data contract (both formats, same samples).
 
 For tests and benchmarks of the trainer. Independent of the preprocessing package on purpose:
-the readers are checked against the contract (``vwlmm_data/contract.py``), not against the other
-side's writer; the benchmarks need arbitrary sizes (336 px images, 2k-token sequences) without
-a tokenizer.
+the readers are checked against the contract (``vwlmm_data/contract.py``, WebDataset members
+through ``vwlmm_data/samples.py``), not against the other side's writer; the benchmarks need
+arbitrary sizes (336 px images, 2k-token sequences) without a tokenizer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -21,6 +22,7 @@ from PIL import Image
 from vwlmm_data.contract import (ARROW_SCHEMA, FORMAT_VERSION, IGNORE_INDEX, IMAGE_TOKEN_ID,
                                  Manifest, ShardInfo, Statistics, TokenizerInfo, VisionInfo,
                                  shard_name, write_manifest)
+from vwlmm_data.samples import Sample, to_members
 
 
 def make_samples(n: int, image_size: int = 32, seed: int = 0, vocab: int = 32000,
@@ -88,17 +90,9 @@ def write_dataset(root: str, samples: List[dict], shard_size: int, image_size: i
                 with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
                     w.write_table(table, max_chunksize=3)  # several record batches per shard
             else:
-                with wds.TarWriter(path) as w:
+                with wds.TarWriter(path, encoder=False) as w:
                     for x, nt in zip(chunk, ntok):
-                        rec = {"__key__": x["key"],
-                               "json": json.dumps({"source_id": x["source_id"],
-                                                   "template": x["template"],
-                                                   "num_images": x["num_images"],
-                                                   "num_tokens": nt, "meta": x["meta"]}),
-                               "input_ids.npy": x["input_ids"], "labels.npy": x["labels"]}
-                        for i, img in enumerate(x["images"]):
-                            rec[f"img{i}.jpg"] = img
-                        w.write(rec)
+                        w.write(to_members(Sample(**x, num_tokens=nt)))
             shards.append(ShardInfo(path=rel, format=fmt, num_samples=len(chunk),
                                     num_tokens=int(sum(ntok))))
     lengths = [len(x["input_ids"]) - x["num_images"] + x["num_images"] * num_patches
@@ -113,7 +107,10 @@ def write_dataset(root: str, samples: List[dict], shard_size: int, image_size: i
             num_supervised_tokens=sum(int((x["labels"] != IGNORE_INDEX).sum()) for x in samples),
             num_images=sum(x["num_images"] for x in samples),
             num_text_only=sum(x["num_images"] == 0 for x in samples)),
-        tokenizer=TokenizerInfo(name_or_path=tokenizer, sha256="0" * 64, vocab_size=vocab_size),
+        # A stand-in identity: tokenizers of different names count as different tokenizers.
+        tokenizer=TokenizerInfo(name_or_path=tokenizer,
+                                sha256=hashlib.sha256(tokenizer.encode()).hexdigest(),
+                                vocab_size=vocab_size),
         template=template, image_token_id=IMAGE_TOKEN_ID, ignore_index=IGNORE_INDEX,
         image_size=image_size, image_mode="resize", num_patches_per_image=num_patches,
         max_seq_len=max_seq_len, formats=tuple(formats), config={}, vwlmm_version="synthetic",

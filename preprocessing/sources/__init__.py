@@ -2,7 +2,8 @@
 
 The driver, the workers, the config and the CLI reach a source only through ``get_source``, so
 a new kind of input is a module implementing ``base.Source`` plus one ``register`` call here;
-the CLI's ``--source`` choices and help come from this registry.
+the CLI's ``--source`` choices and help, and each source's own flags (``options.py``), come from
+this registry.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 from preprocessing.sources.base import RawRecord, Scan, Source, content_digest, make_key
 from preprocessing.sources.laion import LaionSource
 from preprocessing.sources.llava import LlavaSource
+from preprocessing.sources.options import option_names
 
 __all__ = ["RawRecord", "Scan", "Source", "content_digest", "make_key", "canonical_name",
-           "get_source", "register", "source_choices", "SOURCES"]
+           "get_source", "option_owners", "register", "source_choices", "SOURCES"]
 
 SOURCES: dict[str, Source] = {}
 _ALIASES: dict[str, str] = {}
@@ -23,6 +25,11 @@ def register(source: Source) -> None:
     for name in (source.name, *source.aliases):
         if name in SOURCES or name in _ALIASES:
             raise ValueError(f"source name {name!r} is already registered")
+    taken = option_owners()
+    for name in option_names(source):
+        if name in taken:
+            raise ValueError(f"option {name!r} of source {source.name!r} is already an option "
+                             f"of source {taken[name]!r}")
     SOURCES[source.name] = source
     _ALIASES.update({alias: source.name for alias in source.aliases})
 
@@ -38,6 +45,11 @@ def canonical_name(name: str) -> str:
     if name not in SOURCES:
         raise KeyError(name)
     return name
+
+
+def option_owners() -> dict[str, str]:
+    """Every registered source option -> the name of the source that declares it."""
+    return {option: s.name for s in SOURCES.values() for option in option_names(s)}
 
 
 def get_source(name: str) -> Source:

@@ -24,12 +24,10 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 from preprocessing.templates import Turn
-
-if TYPE_CHECKING:
-    from preprocessing.config import PreprocessConfig
+from vwlmm_data.storage import S3Options
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 # The default bound of one image file / tar member (``PreprocessConfig.max_image_bytes``).
@@ -115,6 +113,20 @@ class Scan:
     units: list[dict]  # locators in record order, each with "num_records"
 
 
+class JobSettings(Protocol):
+    """What a source reads of the job's configuration (``preprocessing/config.py``'s
+    ``PreprocessConfig`` provides it; sources depend on these attributes, not on that module)."""
+
+    inputs: list[str]  # the --input patterns as given
+    image_root: str | None
+    samples_per_shard: int
+    max_image_bytes: int
+    source_options: Any  # an instance of this source's ``options`` dataclass
+
+    @property
+    def s3(self) -> S3Options: ...
+
+
 class Source(Protocol):
     """A kind of raw input (``--source``). Methods run in Ray tasks: keep instances stateless."""
 
@@ -122,20 +134,23 @@ class Source(Protocol):
     aliases: tuple[str, ...]  # other --source values meaning this source
     help: str  # one line for --help: what the inputs are
     needs_image_root: bool  # records name images relative to --image-root
+    # The dataclass of this source's own options (``preprocessing/sources/options.py``: its
+    # flags, config and manifest fields); ``options.NoOptions`` when it has none.
+    options: type
 
     def input_files(self, files: list[str]) -> list[tuple[str, dict]]:
         """The expanded ``--input`` files -> the files to scan, in order, each with the fields
         every unit of it carries. Raises ValueError on inputs this source cannot take."""
 
-    def scan(self, uri: str, cfg: PreprocessConfig, scratch: str) -> Scan:
+    def scan(self, uri: str, cfg: JobSettings, scratch: str) -> Scan:
         """Keys, digests and unit locators of one input file; ``scratch`` is a private prefix
         (under the job's state folder) for files the units will read (``unit["scratch"]``)."""
 
-    def digests(self, unit: dict, cfg: PreprocessConfig) -> list[str | None]:
+    def digests(self, unit: dict, cfg: JobSettings) -> list[str | None]:
         """The dedup digest of each record of one unit (None: never a duplicate)."""
 
-    def read_unit(self, unit: dict, cfg: PreprocessConfig) -> Iterator[RawRecord]:
+    def read_unit(self, unit: dict, cfg: JobSettings) -> Iterator[RawRecord]:
         """The unit's records, in scan order, with their images."""
 
-    def reject(self, rec: RawRecord, cfg: PreprocessConfig) -> tuple[str, str] | None:
+    def reject(self, rec: RawRecord, cfg: JobSettings) -> tuple[str, str] | None:
         """A (reason, detail) when this source's own filters reject ``rec``, else None."""

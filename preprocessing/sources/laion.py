@@ -4,6 +4,8 @@ parquet metadata (url/caption, optional punsafe, pwatermark, similarity, width, 
 Pairing follows img2dataset's layout: ``00000.tar`` joins ``00000.parquet`` when that parquet is
 among the inputs; without one, the tar's own ``.json``/``.txt`` members are the metadata.
 Units are byte ranges of a tar (recorded by the scan), so a worker range-reads only its part.
+The source's own filters (``LaionOptions``: metadata scores, caption length) are its flags and
+manifest fields (``preprocessing/sources/options.py``).
 
 Hostile records are rejects, never crashes: a member over ``max_image_bytes`` is skipped unread
 ("file_too_large"), metadata or a caption with a lone UTF-16 surrogate is "bad_text", and
@@ -17,21 +19,24 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
+import reprlib
 import tarfile
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Iterator
+from dataclasses import dataclass
+from typing import Iterator
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from preprocessing.sources.base import (DEFAULT_MAX_IMAGE_BYTES, RawRecord, Scan, content_digest,
-                                        lone_surrogate, make_key, printable)
+from preprocessing.sources.base import (DEFAULT_MAX_IMAGE_BYTES, JobSettings, RawRecord, Scan,
+                                        content_digest, lone_surrogate, make_key, printable)
+from preprocessing.sources.options import option
 from preprocessing.templates import IMAGE_TAG, Turn
 from vwlmm_data import storage
 from vwlmm_data.storage import S3Options
-
-if TYPE_CHECKING:
-    from preprocessing.config import PreprocessConfig
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _BLOCK = 512
@@ -165,7 +170,18 @@ def check_parquet(uri: str, s3: S3Options = S3Options()) -> None:
         raise ValueError(f"{uri}: parquet has no 'key' column to join img2dataset tars on")
 
 
-def _load_parquet(uri: str, s3: S3Options) -> dict[str, dict]:
+@dataclass
+class ParquetMeta:
+    """A tar's parquet metadata: rows by key, the keys on more than one row (which row is
+    meant is unknown: their records are rejects) and, when the ``key`` column is not text (it
+    cannot be joined with tar keys), why: every record is then a reject."""
+
+    rows: dict[str, dict]
+    duplicates: dict[str, int]
+    bad_key_column: str | None = None
+
+
+def _load_parquet(uri: str, s3: S3Options) -> ParquetMeta:
     try:
         table = pq.read_table(io.BytesIO(storage.read_bytes(uri, s3)))
     except FileNotFoundError:
@@ -174,8 +190,13 @@ def _load_parquet(uri: str, s3: S3Options) -> dict[str, dict]:
         raise ValueError(f"{uri}: not a readable parquet file: {exc}") from exc
     if "key" not in table.column_names:
         raise ValueError(f"{uri}: parquet has no 'key' column to join img2dataset tars on")
+    key_type = table.schema.field("key").type
+    if not (pa.types.is_string(key_type) or pa.types.is_large_string(key_type)):
+        return ParquetMeta({}, {}, f"parquet column 'key' is {key_type}, not text: {uri}")
     rows = table.to_pylist()
-    return {str(r["key"]): r for r in rows}
+    counts = Counter(r["key"] for r in rows)
+    return ParquetMeta({r["key"]: r for r in rows},
+                       {k: n for k, n in counts.items() if n > 1})
 
 
 def _member_error(key: str, members: dict, meta: dict) -> tuple[str, str] | None:
@@ -203,9 +224,15 @@ def read_unit(tar_uri: str, parquet_uri: str | None, start: int, end: int,
                 yield rec
                 continue
             if table is not None:
-                row = table.get(sid)
-                if row is None:
+                row = table.rows.get(sid)
+                if table.bad_key_column is not None:
+                    rec.error = ("metadata_bad_type", table.bad_key_column)
+                elif sid in table.duplicates:
+                    rec.error = ("metadata_duplicate_key", f"key {sid!r} is on "
+                                 f"{table.duplicates[sid]} rows of {parquet_uri}")
+                elif row is None:
                     rec.error = ("metadata_missing", f"key {sid!r} not in {parquet_uri}")
+                if rec.error is not None:
                     yield rec
                     continue
                 meta.update({k: v for k, v in row.items() if v is not None})
@@ -225,6 +252,60 @@ def read_unit(tar_uri: str, parquet_uri: str | None, start: int, end: int,
             yield rec
 
 
+@dataclass(frozen=True)
+class LaionOptions:
+    """LAION's filters: metadata scores (a record without the score is kept) and caption length."""
+
+    max_punsafe: float | None = option(None, "reject punsafe above this, e.g. 0.5", float)
+    max_pwatermark: float | None = option(None, "reject pwatermark above this, e.g. 0.8", float)
+    min_similarity: float | None = option(None, "reject CLIP similarity below this, e.g. 0.28",
+                                          float)
+    min_caption_chars: int = option(1, "reject captions shorter than this", int)
+    max_caption_chars: int | None = option(None, "reject captions longer than this", int)
+
+    def __post_init__(self) -> None:
+        if self.min_caption_chars < 0:
+            raise ValueError(f"config field 'min_caption_chars'={self.min_caption_chars!r}: "
+                             "must be >= 0")
+
+
+def _score(meta: dict, name: str) -> float | None:
+    """The score ``name`` of a record (None: absent, null or NaN); ValueError when it is not a
+    number (a string, a list, a bool): its filter cannot be applied."""
+    value = meta.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} is {type(value).__name__} {reprlib.repr(value)}, not a number")
+    return None if math.isnan(value) else float(value)
+
+
+def reject(rec: RawRecord, opts: LaionOptions) -> tuple[str, str] | None:
+    """The score filters (a score that is not a number is ``metadata_bad_type`` when its filter
+    is on), then the caption length limits."""
+    for name, limit, reason, above in (
+        ("punsafe", opts.max_punsafe, "unsafe", True),
+        ("pwatermark", opts.max_pwatermark, "watermark", True),
+        ("similarity", opts.min_similarity, "low_similarity", False),
+    ):
+        if limit is None:
+            continue
+        try:
+            value = _score(rec.meta, name)
+        except ValueError as exc:
+            return "metadata_bad_type", str(exc)
+        if value is not None and (value > limit if above else value < limit):
+            return reason, f"{name}={value:g} {'>' if above else '<'} {limit:g}"
+    if not rec.turns:
+        return None
+    n = len(rec.turns[-1].text.strip())
+    if n < opts.min_caption_chars:
+        return "caption_too_short", f"{n} chars < {opts.min_caption_chars}"
+    if opts.max_caption_chars is not None and n > opts.max_caption_chars:
+        return "caption_too_long", f"{n} chars > {opts.max_caption_chars}"
+    return None
+
+
 class LaionSource:
     """img2dataset output: units are byte ranges of a tar, digests come with the scan."""
 
@@ -232,6 +313,7 @@ class LaionSource:
     aliases: tuple[str, ...] = ()
     help = "img2dataset tars (+ parquet metadata joined by key)"
     needs_image_root = False
+    options = LaionOptions
 
     def input_files(self, files: list[str]) -> list[tuple[str, dict]]:
         """Tars paired with their parquets; local parquets' footers and schemas are read here,
@@ -243,7 +325,7 @@ class LaionSource:
             list(pool.map(check_parquet, local))
         return [(tar, {"parquet": parquet}) for tar, parquet in pairs]
 
-    def scan(self, uri: str, cfg: PreprocessConfig, scratch: str) -> Scan:
+    def scan(self, uri: str, cfg: JobSettings, scratch: str) -> Scan:
         if not storage.exists(uri, cfg.s3):
             raise FileNotFoundError(f"input {uri} does not exist")
         parquet = os.path.splitext(uri)[0] + ".parquet"  # pair_inputs' pairing, without listing
@@ -256,22 +338,14 @@ class LaionSource:
         return Scan(keys=[r["key"] for r in records], digests=[r["digest"] for r in records],
                     units=units)
 
-    def digests(self, unit: dict, cfg: PreprocessConfig) -> list[str | None]:
+    def digests(self, unit: dict, cfg: JobSettings) -> list[str | None]:
         with storage.open_read(unit["file"], cfg.s3, unit["start"], unit["end"]) as f:
             return [_digest(members, _tar_meta(members))
                     for _, members, _, _ in _iter_samples(f, cfg.max_image_bytes)]
 
-    def read_unit(self, unit: dict, cfg: PreprocessConfig) -> Iterator[RawRecord]:
+    def read_unit(self, unit: dict, cfg: JobSettings) -> Iterator[RawRecord]:
         return read_unit(unit["file"], unit["parquet"], unit["start"], unit["end"], cfg.s3,
                          cfg.max_image_bytes)
 
-    def reject(self, rec: RawRecord, cfg: PreprocessConfig) -> tuple[str, str] | None:
-        """Caption length limits (``--min-caption-chars`` / ``--max-caption-chars``)."""
-        if not rec.turns:
-            return None
-        n = len(rec.turns[-1].text.strip())
-        if n < cfg.min_caption_chars:
-            return "caption_too_short", f"{n} chars < {cfg.min_caption_chars}"
-        if cfg.max_caption_chars is not None and n > cfg.max_caption_chars:
-            return "caption_too_long", f"{n} chars > {cfg.max_caption_chars}"
-        return None
+    def reject(self, rec: RawRecord, cfg: JobSettings) -> tuple[str, str] | None:
+        return reject(rec, cfg.source_options)

@@ -8,6 +8,16 @@ the tag, stripped; every other turn is kept as written. The record's meta says
 of the first human turn (``image_tag_added``; LLaVA would train on the text and ignore the
 image). With several images the tags stay where they are and their count must match.
 
+Records LLaVA trains on after an adjustment are adjusted the same way, each named in the
+record's meta ``adjusted`` list and counted in the manifest's ``statistics.adjusted``;
+``--strict-records`` rejects them instead:
+- ``image_tags_collapsed``: one image, several ``<image>`` tags in one human turn: every tag is
+  removed and one put in front, as ``preprocess_multimodal`` does (``image_tag_mismatch``).
+- ``image_tag_as_text``: a text-only record whose text holds ``<image>``: LLaVA tokenizes it as
+  text (``image_tag_mismatch``).
+- ``leading_gpt_turn_dropped``: a conversation starting with a ``gpt`` turn: ``preprocess_v1``
+  skips that turn and trains on the rest (``bad_record``).
+
 The scan streams a JSON file once and splits its records into unit files (JSON lines) under the
 job's state folder, so each worker reads only its unit instead of re-parsing a 1 GB array.
 
@@ -25,22 +35,30 @@ import codecs
 import json
 import os
 import posixpath
-from typing import TYPE_CHECKING, Iterator
+from dataclasses import dataclass
+from typing import Iterator
 
-from preprocessing.sources.base import (DEFAULT_MAX_IMAGE_BYTES, RawRecord, Scan, content_digest,
-                                        lone_surrogate, make_key, printable)
+from preprocessing.sources.base import (DEFAULT_MAX_IMAGE_BYTES, JobSettings, RawRecord, Scan,
+                                        content_digest, lone_surrogate, make_key, printable)
+from preprocessing.sources.options import option
 from preprocessing.templates import IMAGE_TAG, Turn
 from vwlmm_data import storage
 from vwlmm_data.storage import S3Options
-
-if TYPE_CHECKING:
-    from preprocessing.config import PreprocessConfig
 
 ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 # A unit-file line standing for an entry the scan could not parse (its detail as the value);
 # no LLaVA record has this field, and one that had would be a reject all the same.
 UNREADABLE = "__vwlmm_unreadable__"
+# The unit-file line standing for an entry whose text is over the limit: its id and the reject's
+# detail, never its text, so no later step holds or tokenizes that text.
+TOO_LARGE = "__vwlmm_text_too_large__"
+# Conversations of LLaVA-665K and ShareGPT4V are a few KB; 1 MiB of text tokenizes in about a
+# second, so a record costs at most that, while one of hundreds of MB would take a worker's
+# memory (tokens as Python objects) and time.
+DEFAULT_MAX_TEXT_BYTES = 1 << 20
 _MAX_NAME_BYTES, _MAX_PATH_BYTES = 255, 4096  # POSIX NAME_MAX / PATH_MAX
+# The names in a record's meta "adjusted": what LLaVA adjusts before training (module docstring).
+ADJUSTMENTS = ("image_tags_collapsed", "image_tag_as_text", "leading_gpt_turn_dropped")
 
 
 class Unreadable:
@@ -56,10 +74,33 @@ def _positional(index: int, origin: str, error: tuple[str, str]) -> RawRecord:
                      error=error)
 
 
-def _parse_entry(entry, index: int, origin: str) -> tuple[RawRecord, list[str]]:
+@dataclass(frozen=True)
+class LlavaOptions:
+    """LLaVA's bound on text, as ``--max-image-bytes`` bounds images, and whether records LLaVA
+    trains on only after an adjustment are rejected."""
+
+    max_text_bytes: int = option(DEFAULT_MAX_TEXT_BYTES, "reject a record whose conversation "
+                                 "text has more UTF-8 bytes than this (text_too_large)", int)
+    strict_records: bool = option(False, "reject what LLaVA trains on after an adjustment "
+                                  "(several <image> tags in one turn, <image> as text in a "
+                                  "text-only record, a leading gpt turn) instead of adjusting "
+                                  "it as LLaVA does", bool)
+
+    def __post_init__(self) -> None:
+        if self.max_text_bytes < 1:
+            raise ValueError(f"config field 'max_text_bytes'={self.max_text_bytes!r}: "
+                             "must be >= 1")
+
+
+def _parse_entry(entry, index: int, origin: str, max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
+                 strict: bool = False) -> tuple[RawRecord, list[str]]:
     """Validate one JSON entry; returns the record (without image bytes) and its image paths."""
     if isinstance(entry, dict) and UNREADABLE in entry:
         return _positional(index, origin, ("bad_json", f"entry {index}: {entry[UNREADABLE]}")), []
+    if isinstance(entry, dict) and TOO_LARGE in entry:
+        sid = printable(str(entry.get("id")))
+        return RawRecord(make_key("llava", sid), sid, error=("text_too_large",
+                                                               str(entry[TOO_LARGE]))), []
     if not isinstance(entry, dict):
         return _positional(index, origin, (
             "bad_record", f"entry {index} is {type(entry).__name__}, not an object")), []
@@ -82,30 +123,48 @@ def _parse_entry(entry, index: int, origin: str) -> tuple[RawRecord, list[str]]:
             rec.error = ("bad_record", f"turn {i} needs 'from' in {sorted(ROLES)} and a string 'value'")
             return rec, []
         turns.append(Turn(ROLES[t["from"]], t["value"]))
+    size = sum(_utf8_len(t.text) for t in turns)
+    if size > max_text_bytes:
+        rec.error = ("text_too_large", f"{size} bytes of text > {max_text_bytes}")
+        return rec, []
     image = entry.get("image")
     paths = [image] if isinstance(image, str) else list(image) if isinstance(image, list) else []
     if image is not None and (not paths or not all(isinstance(p, str) and p for p in paths)):
         rec.error = ("bad_record", f"'image' must be a path or a list of paths, got {image!r}")
         return rec, []
     rec.meta = {"image": image} if image is not None else {}
+    if len(turns) > 1 and turns[0].role == "gpt":
+        if strict:
+            rec.error = ("bad_record", "turn 0 is from 'gpt', expected 'human'")
+            return rec, []
+        turns = turns[1:]
+        rec.meta.setdefault("adjusted", []).append("leading_gpt_turn_dropped")
     rec.turns = turns
-    _place_image_tags(rec, len(paths))
+    _place_image_tags(rec, len(paths), strict)
     return rec, paths
 
 
-def _place_image_tags(rec: RawRecord, num_images: int) -> None:
+def _place_image_tags(rec: RawRecord, num_images: int, strict: bool = False) -> None:
     tags = sum(t.text.count(IMAGE_TAG) for t in rec.turns if t.role == "human")
     if num_images == 0:
-        if tags:
-            rec.error = ("image_tag_mismatch", f"{tags} {IMAGE_TAG} tag(s) but no image")
+        if any(IMAGE_TAG in t.text for t in rec.turns):
+            if strict:
+                rec.error = ("image_tag_mismatch", f"{tags} {IMAGE_TAG} tag(s) but no image")
+            else:
+                rec.meta.setdefault("adjusted", []).append("image_tag_as_text")
         return
     if num_images > 1:
         if tags != num_images:
             rec.error = ("image_tag_mismatch", f"{tags} {IMAGE_TAG} tag(s) for {num_images} images")
         return
-    if tags > 1:
+    holding = [t for t in rec.turns if t.role == "human" and IMAGE_TAG in t.text]
+    if tags > 1 and (strict or len(holding) > 1):
+        # in several turns LLaVA would put one tag in front of each: more placeholders than
+        # images, which its model cannot fill
         rec.error = ("image_tag_mismatch", f"{tags} {IMAGE_TAG} tags for one image")
         return
+    if tags > 1:
+        rec.meta.setdefault("adjusted", []).append("image_tags_collapsed")
     humans = [i for i, t in enumerate(rec.turns) if t.role == "human"]
     if not humans:
         rec.error = ("bad_record", "no human turn to hold the image")
@@ -254,12 +313,15 @@ def _bracketed_end(buf: str, pos: int) -> int | None:
     return None
 
 
-def _unit_line(entry, index: int, origin: str) -> tuple[str, RawRecord]:
+def _unit_line(entry, index: int, origin: str,
+               max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> tuple[str, RawRecord]:
     """One entry as its unit-file line (valid UTF-8 JSON) and its parsed record."""
     try:
         if isinstance(entry, Unreadable):
             raise RecursionError(entry.detail)
-        rec, _ = _parse_entry(entry, index, origin)
+        rec, _ = _parse_entry(entry, index, origin, max_text_bytes)
+        if rec.error is not None and rec.error[0] == "text_too_large":
+            return json.dumps({TOO_LARGE: rec.error[1], "id": rec.source_id}), rec
         line = json.dumps(entry, ensure_ascii=False, sort_keys=True)
         try:
             line.encode("utf-8")
@@ -279,8 +341,8 @@ def _unit_lines(data: bytes) -> list[str]:
     return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n") if text else []
 
 
-def split(json_uri: str, records_prefix: str, chunk: int,
-          s3: S3Options = S3Options()) -> list[str]:
+def split(json_uri: str, records_prefix: str, chunk: int, s3: S3Options = S3Options(),
+          max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> list[str]:
     """Stream a JSON array into unit files of ``chunk`` records (JSON lines); each record's key.
 
     Dedup digests need the images, so they are computed per unit, in parallel (``digests``).
@@ -296,7 +358,7 @@ def split(json_uri: str, records_prefix: str, chunk: int,
 
     with storage.open_read(json_uri, s3) as f:
         for i, entry in enumerate(iter_json_array(f, json_uri)):
-            line, rec = _unit_line(entry, i, origin)
+            line, rec = _unit_line(entry, i, origin, max_text_bytes)
             part.append(line + "\n")
             out.append(rec.key)
             if len(part) == chunk:
@@ -307,22 +369,22 @@ def split(json_uri: str, records_prefix: str, chunk: int,
 
 
 def digests(records_uri: str, first_index: int, image_root: str, origin: str,
-            s3: S3Options = S3Options(),
-            max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> list[str | None]:
+            s3: S3Options = S3Options(), max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+            strict: bool = False) -> list[str | None]:
     """Dedup digest (image bytes + conversation) of each record of one unit file."""
     out = []
-    for rec in read_unit(records_uri, first_index, image_root, origin, s3, max_bytes):
+    for rec in read_unit(records_uri, first_index, image_root, origin, s3, max_bytes, strict):
         text = json.dumps([[t.role, t.text] for t in rec.turns])
         out.append(content_digest(rec.images, text) if rec.error is None else None)
     return out
 
 
 def read_unit(records_uri: str, first_index: int, image_root: str, origin: str,
-              s3: S3Options = S3Options(),
-              max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Iterator[RawRecord]:
+              s3: S3Options = S3Options(), max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+              strict: bool = False) -> Iterator[RawRecord]:
     for i, line in enumerate(_unit_lines(storage.read_bytes(records_uri, s3))):
         try:
-            rec, paths = _parse_entry(json.loads(line), first_index + i, origin)
+            rec, paths = _parse_entry(json.loads(line), first_index + i, origin, strict=strict)
         except RecursionError:  # parsed at the scan's stack depth, not at this one
             rec, paths = _parse_entry({UNREADABLE: "nested too deeply to parse"},
                                       first_index + i, origin)
@@ -339,13 +401,14 @@ class LlavaSource:
     aliases: tuple[str, ...] = ("sharegpt4v",)
     help = "LLaVA / ShareGPT4V conversation JSON + --image-root"
     needs_image_root = True
+    options = LlavaOptions
 
     def input_files(self, files: list[str]) -> list[tuple[str, dict]]:
         return [(f, {}) for f in files]
 
-    def scan(self, uri: str, cfg: PreprocessConfig, scratch: str) -> Scan:
+    def scan(self, uri: str, cfg: JobSettings, scratch: str) -> Scan:
         sps = cfg.samples_per_shard
-        keys = split(uri, scratch, sps, cfg.s3)
+        keys = split(uri, scratch, sps, cfg.s3, cfg.source_options.max_text_bytes)
         origin = uri.rsplit("/", 1)[-1]
         units = [{"chunk": c // sps, "first_index": c, "origin": origin,
                   "num_records": min(sps, len(keys) - c)} for c in range(0, len(keys), sps)]
@@ -355,13 +418,14 @@ class LlavaSource:
     def _unit_file(unit: dict) -> str:
         return f"{unit['scratch']}-{unit['chunk']:06d}.jsonl"
 
-    def digests(self, unit: dict, cfg: PreprocessConfig) -> list[str | None]:
+    def digests(self, unit: dict, cfg: JobSettings) -> list[str | None]:
         return digests(self._unit_file(unit), unit["first_index"], cfg.image_root, unit["origin"],
-                       cfg.s3, cfg.max_image_bytes)
+                       cfg.s3, cfg.max_image_bytes, cfg.source_options.strict_records)
 
-    def read_unit(self, unit: dict, cfg: PreprocessConfig) -> Iterator[RawRecord]:
+    def read_unit(self, unit: dict, cfg: JobSettings) -> Iterator[RawRecord]:
         return read_unit(self._unit_file(unit), unit["first_index"], cfg.image_root,
-                         unit["origin"], cfg.s3, cfg.max_image_bytes)
+                         unit["origin"], cfg.s3, cfg.max_image_bytes,
+                         cfg.source_options.strict_records)
 
-    def reject(self, rec: RawRecord, cfg: PreprocessConfig) -> tuple[str, str] | None:
+    def reject(self, rec: RawRecord, cfg: JobSettings) -> tuple[str, str] | None:
         return None

@@ -34,10 +34,10 @@ def _mark(unit: dict, event: str) -> None:
     tmp.rename(tmp.with_name(name))  # readers never see half a mark
 
 
-def located_process_unit(cfg_dict: dict, unit: dict) -> dict:
+def located_process_unit(cfg, unit: dict):
     _mark(unit, "start")
     time.sleep(float(os.environ.get(DELAY_ENV, "0")))
-    result = process_unit(cfg_dict, unit)
+    result = process_unit(cfg, unit)
     _mark(unit, "end")
     return result
 

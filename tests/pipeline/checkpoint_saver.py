@@ -10,7 +10,9 @@ it starts in a fraction of a second, so many kills fit in a test.
         [--keep-last K] [--kill-at SAVE:STEP]
 
 ``--kill-at 1:displaced`` SIGKILLs the process when the second save reaches the step
-``displaced`` (``layout.commit``'s names, plus ``written`` after the fill).
+``displaced`` (``layout.commit``'s names, plus ``written`` after the fill). ``--step-by-step``
+prints ``step SAVE NAME`` at each step and waits for a line on stdin before going on, so a test
+can kill it at an exact step it chooses while the process runs.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 from megatron_vwlmm.checkpoint import layout
@@ -32,12 +35,16 @@ def main() -> None:
     parser.add_argument("--iterations", required=True)
     parser.add_argument("--keep-last", type=int, default=2)
     parser.add_argument("--kill-at")
+    parser.add_argument("--step-by-step", action="store_true")
     args = parser.parse_args()
     kill_save, kill_step = (args.kill_at.split(":") if args.kill_at else (None, None))
     for index, iteration in enumerate(int(i) for i in args.iterations.split(",")):
         def step(name: str, _index=index) -> None:
             if str(_index) == kill_save and name == kill_step:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if args.step_by_step:
+                print(f"step {_index} {name}", flush=True)
+                sys.stdin.readline()
 
         tmp = layout.stage(args.root, layout.Marker(args.run_id, iteration), on_step=step)
         shutil.copytree(args.templates / layout.checkpoint_name(iteration), tmp,

@@ -7,11 +7,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from megatron_vwlmm.parallel.launch import find_free_port
+from tests.faults import env as fault_env
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_SETS = [
@@ -20,9 +21,13 @@ BASE_SETS = [
 ]
 
 
-def env() -> Dict[str, str]:
+def env(*faults: str) -> Dict[str, str]:
+    """The trainer's environment; ``faults``: ``tests/faults.py`` hooks to install
+    (``"kill_after_step=3"``)."""
     e = dict(os.environ)
     e.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    if faults:
+        e.update(fault_env(*faults))
     return e
 
 
@@ -36,8 +41,8 @@ def train_cmd(nproc: int, data: Path, run_dir: Path, sets: List[str]) -> List[st
 
 
 def train(nproc: int, data: Path, run_dir: Path, sets: List[str], expect_rc: Optional[int] = 0,
-          timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_cmd(nproc, data, run_dir, sets), cwd=REPO, env=env(),
+          timeout: float = 300, faults: Sequence[str] = ()) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_cmd(nproc, data, run_dir, sets), cwd=REPO, env=env(*faults),
                           capture_output=True, text=True, timeout=timeout)
     if expect_rc is not None and proc.returncode != expect_rc:
         raise AssertionError(f"trainer exited {proc.returncode} (expected {expect_rc}):\n"

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, load_config
-from pipeline.train import build_model_config
 from pipeline.validate import check_fp8_available, check_layout, check_manifest, check_model
 from pipeline.data.synthetic import make_samples, write_dataset
 from vwlmm_data.contract import Manifest
@@ -25,7 +24,7 @@ PRESETS = ["tiny-cpu", "stage1-vicuna-7b", "stage1-mistral-7b", "stage2-vicuna-7
 @pytest.mark.parametrize("name", PRESETS)
 def test_presets_load_and_build_a_valid_model_config(name):
     cfg = load_config(str(REPO / "configs" / f"{name}.yaml"))
-    model_cfg = build_model_config(cfg)
+    model_cfg = cfg.model.vwlmm()
     check_model(model_cfg, cfg)
     if name.startswith("stage1"):  # LLaVA stage 1: adapter + VM head only
         assert model_cfg.freeze_decoder and model_cfg.freeze_vision
@@ -40,7 +39,7 @@ def test_set_overrides_are_typed_and_reach_the_model():
                        "precision.fp8=null", "data.valid_fraction=0"])
     assert cfg.optim.lr == 2e-4 and isinstance(cfg.optim.lr, float)
     assert cfg.parallel.tp == 1
-    assert build_model_config(cfg).decoder.num_layers == 2
+    assert cfg.model.vwlmm().decoder.num_layers == 2
 
 
 @pytest.mark.parametrize("override, message", [
@@ -58,7 +57,7 @@ def test_bad_values_name_the_field(override, message):
 
 def _tiny(*sets):
     cfg = load_config(str(REPO / "configs/tiny-cpu.yaml"), list(sets))
-    return cfg, build_model_config(cfg)
+    return cfg, cfg.model.vwlmm()
 
 
 def test_tp_not_dividing_heads():

@@ -15,8 +15,7 @@ import pytest
 import yaml
 
 from megatron_vwlmm.model.config import VWLMMConfig, get_preset
-from pipeline.config import (ConfigError, build_model_config, describe_fields, load_config,
-                             train_config_from_dict)
+from pipeline.config import ConfigError, describe_fields, load_config, train_config_from_dict
 
 TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml")
 PRECISION_OWNED = {"bf16", "fp8"}  # set from precision.*, not from the model section
@@ -48,7 +47,7 @@ def test_every_model_field_is_settable_typed_and_listed_by_help():
     sets = [f"model.{key}={yaml.safe_dump(value).strip().removesuffix('...').strip()}"
             for key, value in _model_leaves()]
     cfg = load_config(None, ["model.preset=vicuna-7b", *sets])
-    assert build_model_config(cfg) == get_preset("tiny")
+    assert cfg.model.vwlmm() == get_preset("tiny")
     for key, value in _model_leaves():
         got = cfg.model
         for part in key.split("."):
@@ -64,7 +63,7 @@ def test_set_fields_reach_the_model_with_the_declared_types():
                              "model.vision.image_size=64", "model.lambda_vm=0.25",
                              "model.freeze_decoder=true", "model.kl_chunk_size=16",
                              "precision.bf16=true"])
-    m = build_model_config(cfg)
+    m = cfg.model.vwlmm()
     assert (m.decoder.num_layers, m.vision.image_size, m.kl_chunk_size) == (2, 64, 16)
     assert m.decoder.rotary_base == 5e5 and isinstance(m.decoder.rotary_base, float)
     assert m.lambda_vm == 0.25 and m.freeze_decoder and m.bf16 and m.fp8 is None
@@ -104,8 +103,8 @@ def test_stored_run_config_rebuilds_the_same_run_and_model(name):
     cfg = load_config(str(Path(TINY).parent / f"{name}.yaml"), ["model.decoder.num_layers=8"])
     again = train_config_from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
     assert again == cfg
-    assert build_model_config(again) == build_model_config(cfg)
-    assert build_model_config(again).decoder.num_layers == 8
+    assert again.model.vwlmm() == cfg.model.vwlmm()
+    assert again.model.vwlmm().decoder.num_layers == 8
 
 
 def test_print_config_spells_out_the_model_and_reloads_to_it(tmp_path, capsys):
@@ -119,5 +118,4 @@ def test_print_config_spells_out_the_model_and_reloads_to_it(tmp_path, capsys):
     (tmp_path / "printed.yaml").write_text(yaml.safe_dump(printed))
     again = load_config(str(tmp_path / "printed.yaml"), ["model.preset=mistral-7b"])
     # Every model field is pinned: another preset underneath changes nothing.
-    assert build_model_config(again) == build_model_config(
-        load_config(TINY, ["model.decoder.num_layers=2"]))
+    assert again.model.vwlmm() == load_config(TINY, ["model.decoder.num_layers=2"]).model.vwlmm()

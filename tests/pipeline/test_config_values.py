@@ -47,7 +47,6 @@ TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml")
     ("data.pad_token_id=32000", "data.pad_token_id=32000: must be a token id below the model's "
                                 r"decoder.vocab_size \(32000\)"),
     ("logging.peak_tflops_per_device=-989", "logging.peak_tflops_per_device=-989.0: must be >= 0"),
-    ("fault.kill_after_step=0", "fault.kill_after_step=0: must be >= 1"),
     ("precision.fp8_recipe=fast", "precision.fp8_recipe='fast': must be one of"),
     ("run_dir=''", "run_dir: must not be empty"),
     ("data.s3_endpoint_url=localhost:9000", "data.s3_endpoint_url='localhost:9000': expected "

@@ -72,7 +72,6 @@ def test_normalisation_switch_reaches_megatron_and_the_loss():
     over the global batch's totals, with megatron's averaging off (calculate_per_token_loss)."""
     from megatron_vwlmm.model.forward_step import TokenTotals, loss_func
     from pipeline.config import load_config
-    from pipeline.train import transformer_overrides
     from tests.pipeline.launch import REPO
 
     stats = torch.tensor([12.0, 4.0, 0.5, 2.0])  # lm_sum, lm_count, vm_sum, vm_count
@@ -84,7 +83,7 @@ def test_normalisation_switch_reaches_megatron_and_the_loss():
     for mode, flag in (("per_micro_batch", False), ("per_token", True)):
         cfg = load_config(str(REPO / "configs/tiny-cpu.yaml"),
                           ["parallel.tp=1", f"optim.loss_normalization={mode}"])
-        assert transformer_overrides(cfg).get("calculate_per_token_loss", False) is flag
+        assert cfg.runtime().calculate_per_token_loss is flag
 
 
 def test_packed_resume_after_kill_is_exact(dataset, tmp_path):
@@ -96,7 +95,7 @@ def test_packed_resume_after_kill_is_exact(dataset, tmp_path):
                      "data.global_batch_size=8", "logging.record_sample_keys=true"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(2, dataset, straight, sets)
-    killed = train(2, dataset, resumed, sets + ["fault.kill_after_step=3"], expect_rc=None)
+    killed = train(2, dataset, resumed, sets, expect_rc=None, faults=["kill_after_step=3"])
     assert killed.returncode != 0
     again = train(2, dataset, resumed, sets)
     assert "resumed from" in again.stdout

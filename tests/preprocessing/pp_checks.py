@@ -17,6 +17,7 @@ import webdataset as wds
 from PIL import Image
 
 from preprocessing.fixtures import FIXTURE_FILTERS
+from preprocessing.sources import option_owners
 from vwlmm_data.contract import IGNORE_INDEX, IMAGE_TOKEN_ID, load_manifest
 
 # Small images keep the suite fast: 56 px / 14 px patches = 16 patch tokens per image.
@@ -24,8 +25,11 @@ IMAGE_SIZE, NUM_PATCHES = 56, 16
 BASE_ARGS = ["--image-size", str(IMAGE_SIZE), "--samples-per-shard", "8", "--no-progress"]
 
 
-def filter_args() -> list[str]:
-    return [a for k, v in FIXTURE_FILTERS.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+def filter_args(source: str) -> list[str]:
+    """FIXTURE_FILTERS as flags, less the options of other sources (``--source`` refuses them)."""
+    others = {k for k, owner in option_owners().items() if owner != source}
+    return [a for k, v in FIXTURE_FILTERS.items() if k not in others
+            for a in (f"--{k.replace('_', '-')}", str(v))]
 
 
 def run_cli(ray_head, args: list[str], env: dict | None = None, timeout: float = 240):
@@ -48,13 +52,13 @@ def llava_args(demo, tokenizer_dir, template: str, output, inputs=None, image_ro
     return ["--source", "llava", "--input", *(inputs or [str(p) for p in demo.llava_json]),
             "--image-root", str(image_root or demo.image_root), "--tokenizer", tokenizer_dir,
             "--template", template, "--output", str(output), "--max-seq-len", "512",
-            *BASE_ARGS, *filter_args()]
+            *BASE_ARGS, *filter_args("llava")]
 
 
 def laion_args(demo, tokenizer_dir, output, inputs=None, fmt="both") -> list[str]:
     return ["--source", "laion", "--input", *(inputs or demo.laion_inputs), "--tokenizer",
             tokenizer_dir, "--template", "plain", "--output", str(output), "--format", fmt,
-            "--max-seq-len", "256", *BASE_ARGS, *filter_args()]
+            "--max-seq-len", "256", *BASE_ARGS, *filter_args("laion")]
 
 
 def read_webdataset(paths: list[str]) -> list[dict]:

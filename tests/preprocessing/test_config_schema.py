@@ -55,11 +55,17 @@ def test_cli_args_map_to_config():
     cfg = config_from_args(["--source", "laion", "--input", "a.tar", "a.parquet", "--tokenizer",
                             "t", "--output", "o", "--format", "both", "--no-dedup",
                             "--max-punsafe", "0.5", "--num-workers", "2"])
-    assert (cfg.inputs, cfg.formats, cfg.dedup, cfg.max_punsafe) == (
+    assert (cfg.inputs, cfg.formats, cfg.dedup, cfg.source_options.max_punsafe) == (
         [os.path.abspath("a.tar"), os.path.abspath("a.parquet")], ("webdataset", "arrow"), False, 0.5)
+    assert cfg.content_dict()["max_punsafe"] == 0.5  # the manifest records a source's options
     s3 = config_from_args(["--source", "llava", "--input", "s3://b/x.json", "--image-root",
                            "s3://b/img", "--tokenizer", "t", "--output", "s3://b/out"])
     assert (s3.inputs, s3.image_root, s3.output) == (["s3://b/x.json"], "s3://b/img", "s3://b/out")
+    assert "max_punsafe" not in s3.content_dict()
+    with pytest.raises(ValueError, match=r"--source llava has no option --max-punsafe "
+                                         r"\(--source laion\)"):
+        config_from_args(["--source", "llava", "--input", "x.json", "--image-root", "i",
+                          "--tokenizer", "t", "--output", "o", "--max-punsafe", "0.5"])
 
 
 def test_help_documents_every_option():
@@ -69,7 +75,8 @@ def test_help_documents_every_option():
     for opt in ("--source", "--input", "--image-root", "--tokenizer", "--template", "--output",
                 "--format", "--image-size", "--image-mode", "--max-seq-len", "--samples-per-shard",
                 "--plain-eos", "--exif-transpose", "--jpeg-draft", "--tokenizer-backend", "--overlong",
-                "--s3-endpoint", "build-tokenizer", "ray job submit"):
+                "--s3-endpoint", "build-tokenizer", "ray job submit", "options of --source laion",
+                "--max-punsafe", "--min-caption-chars"):
         assert opt in res.stdout
 
 

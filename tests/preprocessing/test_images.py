@@ -81,3 +81,27 @@ def test_pillow_bomb_warning_band_is_an_error():
     with pytest.raises(ImageReject) as e:
         process_image(data, ImageSettings(size=56, max_pixels=1_000_000))
     assert e.value.reason == "image_too_large"
+
+
+def test_a_huge_16_bit_png_costs_what_an_8_bit_one_does():
+    """A 16-bit greyscale PNG of 4000x4000 (a few KB compressed, within the pixel bound) is
+    rescaled a band of rows at a time: numpy never holds a float copy of the whole image
+    (8 bytes a pixel, 24 at the peak), only 8-bit copies, less than the 4 bytes a pixel Pillow
+    holds for any 8-bit RGB image of that size (traced allocations, not time)."""
+    import tracemalloc
+
+    side = 4000
+    buf = io.BytesIO()
+    Image.new("I;16", (side, side), 40000).save(buf, "PNG")
+    data = buf.getvalue()
+    assert len(data) < 1_000_000
+    settings = ImageSettings(size=32, mode="resize", max_pixels=side * side)
+    tracemalloc.start()
+    try:
+        jpg = process_image(data, settings)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * side * side, f"{peak / side / side:.1f} bytes per pixel"
+    grey = np.asarray(Image.open(io.BytesIO(jpg)), dtype=np.int16)
+    assert abs(grey.mean() - 40000 / 65535 * 255) < 2

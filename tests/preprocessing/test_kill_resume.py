@@ -23,6 +23,7 @@ import pytest
 from tests.preprocessing.inline_job import llava_config, llava_inputs, run_inline
 from tests.preprocessing.pp_checks import tree_digest
 from vwlmm_data import storage
+from vwlmm_data.run_lock import LOCK_NAME
 
 # The file whose commit each run is killed at, one per step of the job.
 KILL_AT = {
@@ -109,6 +110,9 @@ def test_kill_9_in_each_step_then_rerun_is_byte_identical(reference, tokenizer_d
     assert child.exitcode == -signal.SIGKILL, "the job ended before the kill"
     # Mid-job: exactly the files committed before the kill, and the killed one's temp file.
     files = _files(out)
+    # The killed job's lock file stays (the next job takes it over: vwlmm_data/run_lock.py).
+    assert LOCK_NAME in files
+    files.discard(LOCK_NAME)
     temps = {f for f in files if storage.is_staging_name(os.path.basename(f))}
     assert files - temps == set(order[:n - 1])
     assert [os.path.dirname(t) for t in temps] == [os.path.dirname(KILL_AT[step])]

@@ -9,22 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from preprocessing.local_ray import LocalRayHead, ray_env
-from tests.preprocessing.pp_checks import llava_args
-
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-
-
-def _fresh_user_env(home: Path) -> dict:
-    """A new user's environment: an empty HOME and no Ray/AWS/HF variables inherited (the two
-    that ``ray_env`` sets for every loopback cluster excepted)."""
-    home.mkdir()
-    ours = ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
-    env = {k: v for k, v in ray_env(pythonpath=str(REPO)).items()
-           if k in ours or not k.startswith(("RAY_", "AWS_", "HF_", "XDG_"))}
-    env["HOME"] = str(home)
-    return env
+from preprocessing.local_ray import LocalRayHead, free_port
+from tests.fresh_env import BIN, fresh_user_env
 
 
 def _files_holding(root: Path, needle: bytes, skip: Path) -> list[str]:
@@ -41,8 +27,7 @@ def _files_holding(root: Path, needle: bytes, skip: Path) -> list[str]:
 
 def test_head_with_empty_home_runs_a_job_and_keeps_its_token_private(tmp_path):
     home = tmp_path / "home"
-    env = _fresh_user_env(home)
-    assert "RAY_AUTH_TOKEN" not in env and "RAY_AUTH_TOKEN_PATH" not in env
+    env = fresh_user_env(home)
     with LocalRayHead(env, start_timeout=90) as head:
         token_path = Path(head.token_path)
         assert stat.S_IMODE(token_path.stat().st_mode) == 0o600
@@ -76,17 +61,24 @@ def test_head_with_empty_home_runs_a_job_and_keeps_its_token_private(tmp_path):
 
 
 def test_preprocess_without_a_cluster_starts_a_private_ray(tmp_path, demo, tokenizer_dir):
-    """`vwlmm-preprocess` with no --ray-address / RAY_ADDRESS on a machine with an empty HOME."""
+    """The installed `vwlmm-preprocess`, with no --ray-address, in a new user's shell, on a
+    machine where another Ray cluster is registered (Ray's ``ray_current_cluster`` file, which
+    a bare ``ray.init()`` joins): it starts a Ray of its own and leaves ``HOME`` empty."""
     home = tmp_path / "home"
-    env = _fresh_user_env(home)
-    out = tmp_path / "out"
-    inputs = [str(p) for p in demo.llava_json][:1]
-    cmd = [sys.executable, "-m", "preprocessing.cli",
-           *llava_args(demo, tokenizer_dir, "vicuna_v1", out, inputs=inputs), "--num-workers", "1"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    user_tmp = tmp_path / "user-tmp"
+    (user_tmp / "ray").mkdir(parents=True)
+    (user_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+    env = fresh_user_env(home, TMPDIR=str(user_tmp))
+    tar, parquet = (next(p for p in demo.laion_inputs if p.endswith(f"00000.{ext}"))
+                    for ext in ("tar", "parquet"))
+    cmd = [str(BIN / "vwlmm-preprocess"), "--source", "laion", "--input", tar, parquet,
+           "--tokenizer", tokenizer_dir, "--template", "plain", "--output", "out",
+           "--format", "arrow", "--image-size", "32", "--patch-size", "8", "--max-seq-len", "64",
+           "--num-workers", "1", "--no-progress"]
+    res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    assert (out / "manifest.json").exists()
-    assert not (home / ".ray").exists()
+    assert (tmp_path / "out" / "manifest.json").exists()
+    assert list(home.iterdir()) == []
 
 
 def test_worker_port_range_avoids_the_ports_of_other_components():
@@ -97,3 +89,30 @@ def test_worker_port_range_avoids_the_ports_of_other_components():
     for _ in range(20):
         base = free_port_range(64, avoid=taken)
         assert not taken.intersection(range(base, base + 64))
+
+
+def test_a_killed_job_leaves_no_private_ray_behind(tmp_path):
+    """The private Ray of a `vwlmm-preprocess` killed with SIGKILL (no cleanup code runs) stops
+    with it: the head and every Ray process below it exit."""
+    import psutil
+
+    code = ("import os, signal, psutil\n"
+            "from preprocessing.local_ray import private_local_ray\n"
+            "with private_local_ray(num_cpus=1) as head:\n"
+            "    ray_procs = [head.proc.pid] + [p.pid for p in "
+            "psutil.Process(head.proc.pid).children(recursive=True)]\n"
+            "    print(*ray_procs, flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    res = subprocess.run([sys.executable, "-c", code], env=fresh_user_env(tmp_path / "home"),
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == -9, res.stderr[-3000:]
+    pids = [int(pid) for pid in res.stdout.split()]
+    assert len(pids) >= 3  # ray start, gcs_server, raylet at least
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(procs, timeout=90)
+    assert alive == [], [p.cmdline()[:3] for p in alive]

@@ -14,6 +14,7 @@ import pytest
 
 from preprocessing.cli import config_from_args
 from preprocessing.job_state import InputsChanged
+from tests import faults
 from tests.preprocessing.inline_job import run_inline
 from tests.preprocessing.pp_checks import llava_args, run_cli, tree_digest
 
@@ -43,7 +44,7 @@ def test_killed_in_the_dedup_step_resumes_identically(ray_head, demo, tokenizer_
     args = llava_args(demo, tokenizer_dir, "vicuna_v1", out) + ["--dedup-partitions", "3"]
     cmd = [sys.executable, "-m", "preprocessing.cli", *args, "--num-workers", "2",
            "--ray-address", ray_head["address"]]
-    res = subprocess.run(cmd, env={**ray_head["env"], "VWLMM_PREPROCESS_KILL_AFTER": "dedup:2"},
+    res = subprocess.run(cmd, env={**ray_head["env"], **faults.env("kill_after_dedup_tasks=2")},
                          capture_output=True, text=True, timeout=240)
     assert res.returncode == -9, res.stderr[-3000:]
     dedup_dir = out / DEDUP_STATE / "p0003"

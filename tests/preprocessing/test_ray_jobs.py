@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import faults
 from tests.preprocessing.pp_checks import (check_output, laion_args, llava_args, render_ids, run_cli,
                        supervised_runs, tree_digest)
 from preprocessing.templates import VICUNA_SYSTEM
@@ -100,7 +101,7 @@ def test_one_worker_with_a_killed_worker_equals_two_clean_workers(ray_head, demo
     marker = tmp_path / "crashed"
     out = tmp_path / "worker_kill"
     run_cli(ray_head, llava_args(demo, tokenizer_dir, "vicuna_v1", out) + ["--num-workers", "1"],
-            env={"VWLMM_PREPROCESS_CRASH_ONCE": f"1:{marker}"})
+            env=faults.env(f"crash_unit_once=1:{marker}"))
     assert marker.exists(), "the injected worker crash did not happen"
     assert tree_digest(out) == tree_digest(clean_run)
 

@@ -92,11 +92,11 @@ def test_s3_errors_other_than_missing_are_not_reported_as_missing(seaweed, tmp_p
 def test_the_driver_puts_no_credential_into_rays_runtime_env(monkeypatch):
     """Ray shows a task's runtime_env in its logs, State API and dashboard."""
     from preprocessing.runner import task_options
-    from preprocessing.worker import CRASH_ENV
+    from tests import faults
 
     secrets = {"AWS_ACCESS_KEY_ID": "AKIA-SENTINEL-ID", "AWS_SECRET_ACCESS_KEY": "SENTINEL-SECRET",
                "AWS_SESSION_TOKEN": "SENTINEL-SESSION", "AWS_SECURITY_TOKEN": "SENTINEL-SECURITY"}
-    for k, v in {**secrets, CRASH_ENV: "3:/tmp/marker"}.items():
+    for k, v in {**secrets, **faults.env("crash_unit_once=3:/tmp/marker")}.items():
         monkeypatch.setenv(k, v)
     options = json.dumps(task_options())
     assert "3:/tmp/marker" in options  # the test hook still reaches the workers

@@ -1,5 +1,6 @@
 """Templates and label masks on the real Mistral tokenizer; mismatch detection on stubs.
-(Token-for-token equality with LLaVA's own code: test_llava_parity.py.)"""
+(Token-for-token equality with LLaVA's own code: test_llava_oracle.py; with an independent port:
+test_llava_parity.py.)"""
 
 from __future__ import annotations
 

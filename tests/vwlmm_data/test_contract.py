@@ -15,7 +15,7 @@ from vwlmm_data.contract import Manifest, VisionInfo, load_manifest, write_manif
 
 REPO = Path(__file__).resolve().parents[2]
 HOME = REPO / "vwlmm_data" / "contract.py"
-ENCODERS = REPO / "megatron_vwlmm" / "vision" / "encoders.py"
+ENCODERS = REPO / "vwlmm_data" / "encoders.py"
 # Names of the contract's constants, and names they were known under elsewhere.
 CONTRACT_NAMES = {"IMAGE_TOKEN_ID", "IMAGE_TOKEN_INDEX", "IGNORE_INDEX", "FORMAT_VERSION",
                   "MANIFEST_NAME", "REJECTS_NAME", "ARROW_SCHEMA", "CLIP_MEAN", "CLIP_STD"}

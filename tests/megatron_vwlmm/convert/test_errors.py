@@ -150,3 +150,27 @@ def test_only_weight_files_are_read_and_never_unpickled_freely(sources, tmp_path
     torch.save([torch.zeros(2)], tmp_path / "list.bin")
     with pytest.raises(IncompleteCheckpointError, match="no name -> tensor mapping"):
         read_tensor_file(tmp_path / "list.bin")
+
+
+def test_a_safetensors_index_pointing_outside_its_folder_is_refused(tmp_path):
+    """An imported folder's index may name only shard files inside that folder: `../x`, an
+    absolute path and a symlink leading out are refused, though the files exist."""
+    import torch
+    from safetensors.torch import save_file
+
+    from megatron_vwlmm.convert.hf_io import SAFETENSORS_INDEX, read_hf_tensors
+
+    outside = tmp_path / "elsewhere.safetensors"
+    save_file({"w": torch.zeros(2)}, str(outside))
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    save_file({"v": torch.ones(2)}, str(hf / "model-00001-of-00002.safetensors"))
+    (hf / "model-00002-of-00002.safetensors").symlink_to(outside)
+    for name in ("../elsewhere.safetensors", str(outside), "model-00002-of-00002.safetensors"):
+        (hf / SAFETENSORS_INDEX).write_text(json.dumps(
+            {"weight_map": {"v": "model-00001-of-00002.safetensors", "w": name}}))
+        with pytest.raises(IncompleteCheckpointError, match="outside"):
+            read_hf_tensors(hf)
+    (hf / SAFETENSORS_INDEX).write_text(json.dumps(
+        {"weight_map": {"v": "model-00001-of-00002.safetensors"}}))
+    assert torch.equal(read_hf_tensors(hf)["v"], torch.ones(2))

@@ -52,9 +52,10 @@ def test_generate_through_auto_processor(llava_export):
     messages = [{"role": "user", "content": [{"type": "image"},
                                              {"type": "text", "text": "describe the image ."}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    assert prompt.startswith("<s>[INST] <image>\ndescribe")
+    assert prompt.startswith("[INST] <image>\ndescribe")  # BOS comes from the tokenizer
     image = Image.new("RGB", (40, 24), (200, 30, 60))
     inputs = processor(images=image, text=prompt, return_tensors="pt")
+    assert inputs["input_ids"][0, :2].tolist() == [processor.tokenizer.bos_token_id, 13]
     assert inputs["pixel_values"].shape == (1, 3, 32, 32)
     assert int((inputs["input_ids"] == fx.VOCAB).sum()) == 16  # one token per patch
     model = VWLMMForConditionalGeneration.from_pretrained(llava_export).eval()

@@ -27,10 +27,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
-def _transformer_config(**overrides):
+def _transformer_config(**changes):
+    """The tiny decoder's TransformerConfig (4 heads, 2 groups) with megatron fields changed."""
+    import dataclasses
+
     from megatron_vwlmm.model.config import decoder_transformer_config
 
-    return decoder_transformer_config(cases.tiny_config(), overrides)  # 4 heads, 2 groups
+    return dataclasses.replace(decoder_transformer_config(cases.tiny_config()), **changes)
 
 
 def _cu_seqlens(lengths) -> torch.Tensor:

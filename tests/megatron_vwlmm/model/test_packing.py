@@ -152,13 +152,14 @@ def _compare_layout(layout: str) -> dict:
     from megatron.core import parallel_state as ps
 
     from megatron_vwlmm.model import build_model, collate_packed
+    from megatron_vwlmm.model.config import RuntimeOptions
 
     results = {}
     for mode, pif in MODES.items():
         config = cases.tiny_config(pif=pif)
         model = build_model(config, pre_process=ps.is_pipeline_first_stage(),
                             post_process=ps.is_pipeline_last_stage(),
-                            transformer_overrides={"calculate_per_token_loss": True})
+                            runtime=RuntimeOptions(calculate_per_token_loss=True))
         cases.perturb_(model)
         samples = _samples()
         unpacked = cases.batch(samples, config)

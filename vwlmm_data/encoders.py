@@ -5,8 +5,9 @@ mean colour, the loader normalises with mean/std, both recorded in the dataset m
 checked by the trainer), whether the encoder prepends a class token (CLIP does and its output
 drops it; SigLIP has none), and whether the image may leave a strip narrower than a patch, which
 the patch convolution drops (SigLIP so400m is published at 384 px with 14 px patches: a 27 x 27
-grid). Kept free of torch/megatron imports so preprocessing can use it on CPU-only Ray workers;
-the model side of a kind is ``towers.py``, its Hugging Face side ``hf_formats.py``.
+grid). Data contract before model detail, so it lives in the bottom layer with the manifest
+that records it; the model side of a kind is
+``megatron_vwlmm/vision/towers.py``, its Hugging Face side ``megatron_vwlmm/vision/hf_formats.py``.
 """
 
 from __future__ import annotations
