@@ -146,7 +146,8 @@ def _staging_folder_expected() -> Iterator[None]:
 
 def plan_resume(root: Path, auto_resume: bool, iteration: Optional[int] = None) -> Optional[Path]:
     """The checkpoint to resume from (None: a new run), or ConfigError for a folder whose
-    state leaves it ambiguous. Reads only; call after ``layout.recover``.
+    state leaves it ambiguous. Reads only: the trainer calls it after ``layout.recover``, and
+    ``pipeline/validate.py`` before any process group exists (the same choice, checked early).
 
     ``iteration`` (``checkpoint.resume_iteration``) picks an older checkpoint than ``latest``,
     e.g. when the newest one is damaged.
@@ -170,26 +171,7 @@ def plan_resume(root: Path, auto_resume: bool, iteration: Optional[int] = None) 
             f"but no `{layout.LATEST}` naming the one to resume; write its name into "
             f"{root / layout.LATEST}, or set checkpoint.auto_resume=false to start a new run "
             "beside them, or use another checkpoint.dir")
-    if auto_resume:
-        return latest
-    if existing and _rank() == 0:
-        print(f"[vwlmm-train] checkpoint.auto_resume=false: a new run in {root}, beside "
-              f"{len(existing)} existing checkpoint(s) ({existing[0].name}..{existing[-1].name});"
-              " this run never prunes them, and replaces one only by saving the same iteration",
-              flush=True)
-    return None
-
-
-def previous_checkpoint_hint(path: Path) -> str:
-    """The setting that resumes from the checkpoint before ``path`` (or what to do without one)."""
-    path = Path(path)
-    it = layout.iteration_of(path.name.split(".")[0])
-    older = [p for p in list_checkpoints(path.parent)
-             if it is not None and layout.iteration_of(p.name) < it]
-    if older:
-        return (f"to resume from the previous checkpoint instead, add --set "
-                f"checkpoint.resume_iteration={layout.iteration_of(older[-1].name)}")
-    return "no older checkpoint exists: set checkpoint.auto_resume=false to start anew"
+    return latest if auto_resume else None
 
 
 class CheckpointManager:
@@ -214,7 +196,14 @@ class CheckpointManager:
             for note in layout.recover(self.root):
                 print(f"[vwlmm-train] warning: {note}", flush=True)
         _barrier()
-        return plan_resume(self.root, auto_resume, iteration)
+        chosen = plan_resume(self.root, auto_resume, iteration)
+        existing = list_checkpoints(self.root)
+        if chosen is None and existing and _rank() == 0:
+            print(f"[vwlmm-train] checkpoint.auto_resume=false: a new run in {self.root}, beside "
+                  f"{len(existing)} existing checkpoint(s) ({existing[0].name}.."
+                  f"{existing[-1].name}); this run never prunes them, and replaces one only by "
+                  "saving the same iteration", flush=True)
+        return chosen
 
     # ---------------------------------------------------------------- save
     def save(self, state: TrainState, model_chunks, optimizer, scheduler) -> Path:
@@ -226,8 +215,8 @@ class CheckpointManager:
             layout.stage(self.root, Marker(self.run_id, state.iteration))
         _barrier()
         layout_now = current_layout()
-        prints = fingerprint.fingerprint(model_chunks, optimizer)
         model_sd = _model_sharded(model_chunks)
+        prints = fingerprint.fingerprint(model_sd.values(), optimizer)
         sharded = dict(model_sd)
         with megatron_compat.fully_reshardable_offsets(optimizer):
             sharded["optimizer"] = optimizer.sharded_state_dict(
@@ -297,10 +286,12 @@ class CheckpointManager:
         for key, chunk in zip(sorted(model_sd), model_chunks):
             _unwrap(chunk).load_state_dict(loaded[key])
         if optimizer is None:
-            fingerprint.verify(path, fingerprint.fingerprint(model_chunks), [fingerprint.MODEL])
+            fingerprint.verify(path, fingerprint.fingerprint(_model_sharded(model_chunks).values()),
+                               [fingerprint.MODEL])
             return TrainState()
         megatron_compat.load_optimizer_state(optimizer, loaded["optimizer"])
-        fingerprint.verify(path, fingerprint.fingerprint(model_chunks, optimizer),
+        fingerprint.verify(path, fingerprint.fingerprint(_model_sharded(model_chunks).values(),
+                                                         optimizer),
                            [fingerprint.MODEL, fingerprint.OPTIMIZER])
         if scheduler is not None:
             scheduler.load_state_dict(common["scheduler"])

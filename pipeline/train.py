@@ -12,12 +12,14 @@ import contextlib
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict
 
 from pipeline.config import ConfigError, TrainConfig, describe_fields, load_config
 from pipeline.validate import (check_fp8_available, check_init_from, check_layout, check_manifest,
                                check_model, check_resume, load_manifest, select_shards)
+from vwlmm_data.errors import Refusal
 
 # megatron's distributed optimizer zeroes gradients by probing ``.grad`` on every tensor of its
 # groups, views of the fp32 main shards included (its ``_zero_grad_group_helper``): torch warns
@@ -43,29 +45,49 @@ def quiet_library_warnings(verbose: bool) -> None:
               flush=True)
 
 
+@dataclass
+class Preflight:
+    """What the checks made before any process group found out."""
+
+    dp_size: int
+    model_cfg: Any
+    s3: Any
+    manifest: Any  # None: --check without a dataset yet
+    shards: Any
+
+
+def preflight(cfg: TrainConfig, world_size: int, launching: bool) -> Preflight:
+    """Every check that needs no process group: the layout, the model shape, FP8 (``launching``:
+    a check on a laptop may plan a GPU run), the dataset (required when ``launching``), the
+    initial weights and the checkpoint a run would resume. ``run`` and ``--check`` share it."""
+    from vwlmm_data.storage import S3Options, exists, join
+
+    dp_size = check_layout(cfg, world_size)
+    if launching:
+        check_fp8_available(cfg)
+    model_cfg = cfg.model.vwlmm()
+    check_model(model_cfg, cfg)
+    s3 = S3Options(cfg.data.s3_endpoint_url, cfg.data.s3_region)
+    if launching and not cfg.data.path:
+        raise ConfigError("data.path: required (the preprocessing output folder or s3:// URL)")
+    manifest = shards = None
+    if launching or (cfg.data.path and exists(join(cfg.data.path, "manifest.json"), s3)):
+        manifest = load_manifest(cfg.data.path, s3)
+        check_init_from(model_cfg, cfg, manifest)
+        check_manifest(manifest, model_cfg, cfg)
+        check_resume(cfg, model_cfg, manifest)
+        shards = select_shards(manifest, cfg.data.path, cfg.data.format)
+    return Preflight(dp_size, model_cfg, s3, manifest, shards)
+
+
 def run(cfg: TrainConfig) -> Dict[str, Any]:
     """Train as configured; returns a summary (last metrics, final checkpoint) on every rank."""
     from megatron_vwlmm.parallel.initialize import destroy_distributed, initialize_distributed
     from pipeline.signals import PreemptionFlag
     from pipeline.trainer import Trainer
     from vwlmm_data.run_lock import RunLock
-    from vwlmm_data.storage import S3Options
 
-    # --- everything checkable before touching a process group -----------------------------
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    dp_size = check_layout(cfg, world_size)
-    check_fp8_available(cfg)
-    model_cfg = cfg.model.vwlmm()
-    check_model(model_cfg, cfg)
-    s3 = S3Options(cfg.data.s3_endpoint_url, cfg.data.s3_region)
-    if not cfg.data.path:
-        raise ConfigError("data.path: required (the preprocessing output folder or s3:// URL)")
-    manifest = load_manifest(cfg.data.path, s3)
-    check_init_from(model_cfg, cfg, manifest)
-    check_manifest(manifest, model_cfg, cfg)
-    check_resume(cfg, model_cfg, manifest)
-    shards = select_shards(manifest, cfg.data.path, cfg.data.format)
-
+    pf = preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")), launching=True)
     with contextlib.ExitStack() as held:
         if os.environ.get("RANK", "0") == "0":
             # One job per run folder: a resubmitted job refuses while the first one runs (the
@@ -77,7 +99,7 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
                                timeout_s=cfg.parallel.timeout_s)
         preempt = PreemptionFlag(cfg.checkpoint.save_on_signal)
         try:
-            return Trainer(cfg, manifest, shards, s3, dp_size, preempt).train()
+            return Trainer(cfg, pf.manifest, pf.shards, pf.s3, pf.dp_size, preempt).train()
         finally:
             preempt.restore()
             destroy_distributed()
@@ -144,27 +166,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check(cfg: TrainConfig, world_size: int) -> str:
-    """What ``--check`` prints: the layout and the schedule, after every check that needs no
-    process (``run`` makes the same ones first)."""
-    from pipeline.validate import check_layout, check_manifest, check_model, load_manifest
-    from vwlmm_data.storage import S3Options, exists, join
-
-    dp = check_layout(cfg, world_size)
-    model_cfg = cfg.model.vwlmm()
-    check_model(model_cfg, cfg)
-    p, d = cfg.parallel, cfg.data
+    """What ``--check`` prints: the layout and the schedule, after ``preflight``."""
+    pf = preflight(cfg, world_size, launching=False)
+    p, d, dp = cfg.parallel, cfg.data, pf.dp_size
     lines = [f"layout: {world_size} processes = TP {p.tp} x PP {p.pp}"
              + (f" (x {p.vpp} virtual stages)" if p.vpp else "") + f" x DP {dp}",
              f"step: global batch {d.global_batch_size} samples = DP {dp} x "
-             + (f"packed rows of {model_cfg.decoder.seq_length} tokens, {d.micro_batch_size} "
-                "row(s) per micro-batch" if d.packing else
+             + (f"packed rows of {pf.model_cfg.decoder.seq_length} tokens, "
+                f"{d.micro_batch_size} row(s) per micro-batch" if d.packing else
                 f"{d.global_batch_size // (d.micro_batch_size * dp)} micro-batch(es) of "
                 f"{d.micro_batch_size}")]
-    s3 = S3Options(d.s3_endpoint_url, d.s3_region)
-    if d.path and exists(join(d.path, "manifest.json"), s3):
-        manifest = load_manifest(d.path, s3)
-        check_manifest(manifest, model_cfg, cfg)
-        samples = int(manifest.num_samples * (1 - d.valid_fraction))
+    if pf.manifest is not None:
+        samples = int(pf.manifest.num_samples * (1 - d.valid_fraction))
         lines.append(f"epoch: ~{samples} training samples = {samples / d.global_batch_size:.1f} "
                      f"iterations; train.train_iters={cfg.train.train_iters} is "
                      f"{cfg.train.train_iters * d.global_batch_size / max(samples, 1):.2f} "
@@ -201,22 +214,14 @@ def main(argv=None) -> None:
         if os.environ.get("RANK", "0") == "0":
             print(f"config error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except Exception as exc:
-        if type(exc).__name__ not in _REFUSALS:
-            raise
+    except Refusal as exc:
         # A loader worker's error arrives wrapped with its traceback: its last line is the
         # message.
         message = str(exc).strip().splitlines()[-1]
         rank = os.environ.get("RANK", "0")
-        if rank == "0" or type(exc).__name__ not in _SAME_ON_EVERY_RANK:
+        if rank == "0" or not exc.same_on_every_rank:
             print(f"error (rank {rank}): {message}", file=sys.stderr, flush=True)
         sys.exit(2)
-
-
-# Refusals whose message says all (what, where, what to do): printed as one line, no traceback.
-# By name, so that --help and config errors never import the modules defining them.
-_REFUSALS = ("CheckpointError", "FingerprintMismatch", "BadSampleError", "RunLockHeld")
-_SAME_ON_EVERY_RANK = ("CheckpointError", "FingerprintMismatch")  # said by rank 0 alone
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ class Trainer:
         """Resume from the run's latest checkpoint, or take ``model.init_from``'s weights."""
         from megatron_vwlmm.checkpoint.fingerprint import FingerprintMismatch
         from megatron_vwlmm.checkpoint.safe_read import CheckpointError
-        from pipeline.checkpoint import previous_checkpoint_hint
+        from megatron_vwlmm.checkpoint.layout import previous_checkpoint_hint
 
         cfg = self.cfg
         resume_from = self.checkpointer.resume_point(cfg.checkpoint.auto_resume,

@@ -175,14 +175,12 @@ def check_init_from(model_cfg: Any, cfg: TrainConfig, manifest: Optional[Manifes
     differ rather than failing inside a load."""
     if not cfg.model.init_from:
         return
-    from megatron_vwlmm.checkpoint.safe_read import CheckpointError, read_common
     from megatron_vwlmm.convert.errors import IncompleteCheckpointError
     from megatron_vwlmm.convert.megatron_io import resolve_checkpoint
 
     try:
         source = resolve_checkpoint(cfg.model.init_from)
-        common = read_common(source.path)
-    except (IncompleteCheckpointError, CheckpointError) as exc:
+    except IncompleteCheckpointError as exc:
         raise ConfigError(f"model.init_from={cfg.model.init_from!r}: {exc}") from exc
     differing = _shape_differences(model_cfg, source.config)
     if differing:
@@ -191,26 +189,30 @@ def check_init_from(model_cfg: Any, cfg: TrainConfig, manifest: Optional[Manifes
             f"{cfg.model.preset!r} with the run's model fields: " + "; ".join(differing)
             + " (set model.preset / model.decoder.* / model.vision.* to match the imported model)")
     if manifest is not None:
-        _check_tokenizer(common, manifest, f"model.init_from={cfg.model.init_from!r}", cfg)
+        _check_tokenizer(source.common, manifest, f"model.init_from={cfg.model.init_from!r}",
+                         cfg)
 
 
 def check_resume(cfg: TrainConfig, model_cfg: Any, manifest: Manifest) -> None:
     """The checkpoint a run would resume from holds the run's model, trained on the data's
     tokenizer, and is loadable: one line naming what differs, before megatron loads anything.
     (Reads only; the trainer repeats the choice after finishing a killed save.)"""
-    from megatron_vwlmm.checkpoint.layout import checkpoint_name, latest_checkpoint
+    from megatron_vwlmm.checkpoint.layout import previous_checkpoint_hint
     from megatron_vwlmm.checkpoint.metadata import TRAIN_CONFIG_KEY, model_config_of
     from megatron_vwlmm.checkpoint.safe_read import CheckpointError, require_loadable
-    from pipeline.checkpoint import previous_checkpoint_hint
+
+    from pipeline.checkpoint import plan_resume
 
     root, c = cfg.checkpoint_dir, cfg.checkpoint
     try:
-        path = root / checkpoint_name(c.resume_iteration) if c.resume_iteration else \
-            latest_checkpoint(root) if c.auto_resume else None
+        path = plan_resume(root, c.auto_resume, c.resume_iteration)
     except FileNotFoundError as exc:
         raise ConfigError(f"checkpoint.dir={root}: {exc}") from None
-    if path is None or not path.is_dir():
-        return  # a new run, or a missing resume_iteration (named by the trainer)
+    except ConfigError:
+        return  # a state that `layout.recover` may settle (a first save killed before
+        # writing `latest`): the trainer decides after recovering, and names what is wrong
+    if path is None:
+        return  # a new run
     try:
         common = require_loadable(path)
         saved = model_config_of(common, f"{path}/common.pt")

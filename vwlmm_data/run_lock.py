@@ -30,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from vwlmm_data.errors import Refusal
 from vwlmm_data.storage import is_s3
 
 LOCK_NAME = ".vwlmm-lock"
@@ -52,7 +53,7 @@ class LockHolder:
         return f"{self.what} (host {self.host}, PID {self.pid}, since {started})"
 
 
-class RunLockHeld(RuntimeError):
+class RunLockHeld(Refusal, RuntimeError):
     """Another process holds the folder; ``holder`` is None when it has not written its name
     yet."""
 

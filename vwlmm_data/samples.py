@@ -22,6 +22,8 @@ from typing import Mapping
 
 import numpy as np
 
+from vwlmm_data.errors import Refusal
+
 HEADER = "json"
 INPUT_IDS = "input_ids.npy"
 LABELS = "labels.npy"
@@ -31,7 +33,7 @@ def image_member(index: int) -> str:
     return f"img{index}.jpg"
 
 
-class BadSampleError(ValueError):
+class BadSampleError(Refusal, ValueError):
     """A stored sample breaks the data contract; the message names the sample and the shard."""
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_vwlmm.checkpoint.layout import FINGERPRINT_FILE, write_file_atomic
+from vwlmm_data.errors import Refusal
 
 _FORMAT = "vwlmm-fingerprint/1"
 RTOL = 1e-7
@@ -36,8 +37,10 @@ OPTIMIZER = "optimizer"
 Stats = Tuple[float, float, float, int]  # sum, sum of |x|, sum of x^2, element count
 
 
-class FingerprintMismatch(RuntimeError):
+class FingerprintMismatch(Refusal, RuntimeError):
     """What was loaded is not what was saved (names the tensors)."""
+
+    same_on_every_rank = True  # the fingerprint is reduced over all ranks
 
 
 def _stats(tensor: torch.Tensor) -> Stats:
@@ -69,15 +72,14 @@ def _global_name(sharded) -> str:
     return sharded.key + "".join(f"[{o}]" for o in prepended)
 
 
-def _model_entries(model_chunks) -> List[_Entry]:
-    """Every tensor shard of every chunk's sharded state dict (extra states left out)."""
+def _model_entries(sharded_dicts) -> List[_Entry]:
+    """Every tensor shard of the model chunks' sharded state dicts (extra states left out)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     entries = []
-    for chunk in model_chunks:
-        module = getattr(chunk, "module", chunk)
-        for entry in nested_values(module.sharded_state_dict()):
+    for sharded in sharded_dicts:
+        for entry in nested_values(sharded):
             if "_extra_state" in getattr(entry, "key", "_extra_state"):
                 continue
             if isinstance(entry, ShardedTensor):
@@ -104,9 +106,10 @@ def _add(into: Dict[str, List[float]], name: str, stats: Stats) -> None:
         acc[i] += v
 
 
-def local_fingerprint(model_chunks, optimizer=None) -> Dict[str, Dict[str, List[float]]]:
-    """This rank's share of the fingerprint (sum with the other ranks' with ``reduce``)."""
-    entries = _model_entries(model_chunks)
+def local_fingerprint(sharded_dicts, optimizer=None) -> Dict[str, Dict[str, List[float]]]:
+    """This rank's share of the fingerprint (sum with the other ranks' with ``reduce``), from
+    the ``sharded_state_dict()`` of each of this rank's model chunks (the ones a save writes)."""
+    entries = _model_entries(sharded_dicts)
     model: Dict[str, List[float]] = {}
     for entry in entries:
         if all(r == 0 for r in _replica_parts(entry.replica_id)):
@@ -147,9 +150,9 @@ def reduce(local: Mapping[str, Mapping[str, List[float]]]) -> Dict[str, Dict[str
     return total
 
 
-def fingerprint(model_chunks, optimizer=None) -> Dict[str, Dict[str, List[float]]]:
+def fingerprint(sharded_dicts, optimizer=None) -> Dict[str, Dict[str, List[float]]]:
     """The whole fingerprint, on every rank (collective)."""
-    return reduce(local_fingerprint(model_chunks, optimizer))
+    return reduce(local_fingerprint(sharded_dicts, optimizer))
 
 
 @dataclass

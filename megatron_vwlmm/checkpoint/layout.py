@@ -192,6 +192,18 @@ def find_checkpoint(path: Path) -> Path:
     return path
 
 
+def previous_checkpoint_hint(path: Path) -> str:
+    """The setting that resumes from the checkpoint before ``path`` (or what to do without one)."""
+    path = Path(path)
+    it = iteration_of(path.name.split(".")[0])
+    older = [p for p in list_checkpoints(path.parent)
+             if it is not None and iteration_of(p.name) < it]
+    if older:
+        return (f"to resume from the previous checkpoint instead, add --set "
+                f"checkpoint.resume_iteration={iteration_of(older[-1].name)}")
+    return "no older checkpoint exists: set checkpoint.auto_resume=false to start anew"
+
+
 # -- writing ---------------------------------------------------------------------------------
 
 def _remove_ours(folder: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Dict
 import torch
 
 from megatron_vwlmm.checkpoint.layout import iteration_of
+from vwlmm_data.errors import Refusal
 
 COMMON_FILE = "common.pt"
 METADATA_FILE = ".metadata"
@@ -29,8 +30,14 @@ _ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"),
             ("collections", "OrderedDict")}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(Refusal, RuntimeError):
     """A checkpoint folder cannot be loaded; the message names the file and what to do."""
+
+    same_on_every_rank = True
+
+
+class IncompleteCheckpoint(CheckpointError):
+    """Files a complete torch_dist checkpoint has are missing (e.g. a save killed midway)."""
 
 
 class _AllowListUnpickler(pickle.Unpickler):
@@ -91,6 +98,6 @@ def require_loadable(folder: Path) -> Dict[str, Any]:
     if not missing and not any(folder.glob("*.distcp")):
         missing = ["*.distcp"]
     if missing:
-        raise CheckpointError(f"{_what(folder)}: incomplete, {', '.join(missing)} missing")
+        raise IncompleteCheckpoint(f"{_what(folder)}: incomplete, missing {', '.join(missing)}")
     check_metadata(folder)
     return read_common(folder)

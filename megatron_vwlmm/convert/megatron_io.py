@@ -33,7 +33,8 @@ from megatron_vwlmm.checkpoint.metadata import (
     config_to_dict,
     model_config_of,
 )
-from megatron_vwlmm.checkpoint.safe_read import CheckpointError, require_loadable
+from megatron_vwlmm.checkpoint.safe_read import (CheckpointError, IncompleteCheckpoint,
+                                                 require_loadable)
 from megatron_vwlmm.convert.errors import IncompleteCheckpointError
 from megatron_vwlmm.model.config import VWLMMConfig
 from vwlmm_data.storage import default_file_mode
@@ -104,14 +105,16 @@ def save_checkpoint(model, config: VWLMMConfig, out_dir: str | Path, *, layout: 
         raise FileExistsError(f"{out}: output directory exists and is not empty")
     out.mkdir(parents=True, exist_ok=True)
     provenance = import_provenance(out, source, bool(vision_tail))
+    model_sd = model.sharded_state_dict()
+    prints = fingerprint.fingerprint([model_sd])
     sharded = {
-        "model": model.sharded_state_dict(),
+        "model": model_sd,
         CONFIG_KEY: config_to_dict(config),
         "layout": dict(layout),
         PROVENANCE_KEY: provenance.to_dict(),
     }
     dist_checkpointing.save(sharded, str(out), sharded_strategy=("torch_dist", 1))
-    fingerprint.write(out, fingerprint.fingerprint([model]))
+    fingerprint.write(out, prints)
     if vision_tail:
         save_file({k: v.contiguous() for k, v in vision_tail.items()}, str(out / VISION_TAIL_FILE))
         os.chmod(out / VISION_TAIL_FILE, default_file_mode())  # safetensors writes 0600
@@ -131,6 +134,7 @@ class CheckpointSource:
     path: Path
     config: VWLMMConfig
     provenance: Provenance
+    common: Mapping[str, Any]  # the checkpoint's common state (read once, safely)
 
     @property
     def conversion(self) -> Dict[str, Any]:
@@ -150,24 +154,17 @@ class CheckpointSource:
 def resolve_checkpoint(path: str | Path) -> CheckpointSource:
     """Find the dist checkpoint under ``path``: an import directory, one trainer ``iter_*``
     checkpoint, a trainer checkpoint root (follows ``latest``) or a run directory."""
-    from megatron.core import dist_checkpointing
-
     try:
         path = find_checkpoint(Path(path))
     except FileNotFoundError as exc:
         raise IncompleteCheckpointError(str(exc)) from exc
-    needed = ["metadata.json", "common.pt", ".metadata"]
-    missing = [n for n in needed if not (path / n).is_file()]
-    if missing or not dist_checkpointing.check_is_distributed_checkpoint(str(path)):
-        raise IncompleteCheckpointError(
-            f"{path}: not a complete megatron dist checkpoint (missing {missing or 'shards'}); "
-            "pass the output of `vwlmm-convert import` or a trainer checkpoint folder (its "
-            "`latest` marker or an iter_* folder). A save killed midway leaves an *.tmp folder, "
-            "which is never complete.")
-    if not list(path.glob("*.distcp")):
-        raise IncompleteCheckpointError(f"{path}: no *.distcp tensor files")
     try:
         common = require_loadable(path)
+    except IncompleteCheckpoint as exc:
+        raise IncompleteCheckpointError(
+            f"not a complete megatron dist checkpoint: {exc}; pass the output of `vwlmm-convert "
+            "import` or a trainer checkpoint folder (its `latest` marker or an iter_* folder). "
+            "A save killed midway leaves an *.tmp folder, which is never complete.") from None
     except CheckpointError as exc:
         raise IncompleteCheckpointError(str(exc)) from None
     where = f"{path}/common.pt"
@@ -175,7 +172,8 @@ def resolve_checkpoint(path: str | Path) -> CheckpointSource:
         config = model_config_of(common, where)
     except ValueError as exc:
         raise IncompleteCheckpointError(str(exc)) from exc
-    return CheckpointSource(path=path, config=config, provenance=Provenance.of(common, where))
+    return CheckpointSource(path=path, config=config, provenance=Provenance.of(common, where),
+                            common=common)
 
 
 def load_checkpoint(source: CheckpointSource):
@@ -197,7 +195,8 @@ def load_checkpoint(source: CheckpointSource):
             from exc
     model.load_state_dict(loaded["model"])
     try:
-        fingerprint.verify(source.path, fingerprint.fingerprint([model]), [fingerprint.MODEL])
+        fingerprint.verify(source.path, fingerprint.fingerprint([model.sharded_state_dict()]),
+                           [fingerprint.MODEL])
     except fingerprint.FingerprintMismatch as exc:
         raise IncompleteCheckpointError(str(exc)) from None
     return model

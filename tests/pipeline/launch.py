@@ -21,6 +21,16 @@ BASE_SETS = [
 ]
 
 
+def arrow_dataset(root: Path, n: int, seed: int, shard_size: int, **manifest) -> Path:
+    """``n`` synthetic samples as Arrow shards under ``root`` (``manifest``: write_dataset's
+    keyword arguments, e.g. ``tokenizer=``)."""
+    from pipeline.data.synthetic import make_samples, write_dataset
+
+    write_dataset(str(root), make_samples(n, seed=seed), shard_size=shard_size,
+                  formats=("arrow",), **manifest)
+    return Path(root)
+
+
 def env(*faults: str) -> Dict[str, str]:
     """The trainer's environment; ``faults``: ``tests/faults.py`` hooks to install
     (``"kill_after_step=3"``)."""

@@ -10,8 +10,7 @@ import re
 
 import pytest
 
-from pipeline.data.synthetic import make_samples, write_dataset
-from tests.pipeline.launch import train
+from tests.pipeline.launch import arrow_dataset, train
 from tests.pipeline.wandb_records import history
 
 pytestmark = pytest.mark.timeout(600)
@@ -31,8 +30,7 @@ def _strict(line: str):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("progress")
-    write_dataset(str(root / "data"), make_samples(24, seed=2), shard_size=12,
-                  formats=("arrow",))
+    arrow_dataset(root / "data", 24, seed=2, shard_size=12)
     first = train(1, root / "data", root / "run", SETS + ["train.train_iters=3"])
     extended = train(1, root / "data", root / "run", SETS + ["train.train_iters=4"])
     return root / "run", first.stdout, extended.stdout

@@ -11,7 +11,6 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -67,8 +66,8 @@ def test_shown_launch_passes_the_config_check(where, gpus, args):
 
 
 def test_a_bad_key_fails_fast_in_one_line():
-    """No megatron import before the config is read: one line, exit 2, in seconds."""
-    start = time.monotonic()
+    """One line, exit 2, and neither torch nor megatron-core imported before the config is read
+    (what makes it answer in about a second)."""
     proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--config",
                            "configs/tiny-cpu.yaml", "--set", "optim.lrr=1e-3"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -76,8 +75,6 @@ def test_a_bad_key_fails_fast_in_one_line():
     assert proc.stderr.strip().splitlines() == [
         proc.stderr.strip()] and "did you mean optim.lr?" in proc.stderr, proc.stderr
     assert "megatron" not in proc.stderr and proc.stdout == ""
-    # The process never imported torch or megatron-core: cheap enough to measure loosely.
-    assert time.monotonic() - start < 60
     probe = subprocess.run([sys.executable, "-c", (
         "import sys, pipeline.train as t\n"
         "try:\n    t.main(['--config', 'configs/tiny-cpu.yaml', '--set', 'optim.lrr=1'])\n"

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from pipeline.data.synthetic import make_samples, write_dataset
-from tests.pipeline.launch import REPO, env, train
+from tests.pipeline.launch import REPO, arrow_dataset, env, train
 
 pytestmark = pytest.mark.timeout(600)
 SETS = ["parallel.tp=1", "data.format=arrow", "data.micro_batch_size=2",
@@ -29,8 +29,7 @@ SETS = ["parallel.tp=1", "data.format=arrow", "data.micro_batch_size=2",
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("refusals")
-    data = root / "data"
-    write_dataset(str(data), make_samples(16, seed=5), shard_size=8, formats=("arrow",))
+    data = arrow_dataset(root / "data", 16, seed=5, shard_size=8)
     run_dir = root / "run"
     train(1, data, run_dir, SETS + ["train.train_iters=2", "checkpoint.save_interval=1"])
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == \
@@ -82,9 +81,8 @@ def test_negative_label_ids_are_refused_naming_the_sample():
 
 def test_data_of_another_tokenizer_is_refused(run, tmp_path):
     root, _, run_dir = run
-    other = tmp_path / "mistral-data"
-    write_dataset(str(other), make_samples(16, seed=5), shard_size=8, formats=("arrow",),
-                  tokenizer="mistral-tokenizer")
+    other = arrow_dataset(tmp_path / "mistral-data", 16, seed=5, shard_size=8,
+                          tokenizer="mistral-tokenizer")
     line = _refused(other, _copy(run_dir, tmp_path / "r"), [])
     assert "'test-tokenizer'" in line and "'mistral-tokenizer'" in line
     assert "--set data.allow_tokenizer_change=true" in line
@@ -114,7 +112,7 @@ def test_a_damaged_latest_checkpoint_is_named_with_the_setting_that_resumes(run,
     missing = _copy(run_dir, tmp_path / "missing")
     (missing / "checkpoints/iter_0000002/common.pt").unlink()
     line = _refused(data, missing, [])
-    assert "iter_0000002 (iteration 2): incomplete, common.pt missing" in line
+    assert "iter_0000002 (iteration 2): incomplete, missing common.pt" in line
     assert "--set checkpoint.resume_iteration=1" in line
     # ... and that setting resumes from the previous checkpoint
     out = train(1, data, missing, SETS + ["train.train_iters=3",

@@ -28,8 +28,7 @@ from typing import Dict, List
 
 import pytest
 
-from pipeline.data.synthetic import make_samples, write_dataset
-from tests.pipeline.launch import train
+from tests.pipeline.launch import arrow_dataset, train
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -63,8 +62,7 @@ def _records(run_dir: Path) -> List[Dict]:
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
     root = tmp_path_factory.mktemp("matrix")
-    data = root / "data"
-    write_dataset(str(data), make_samples(40, seed=7), shard_size=10, formats=("arrow",))
+    data = arrow_dataset(root / "data", 40, seed=7, shard_size=10)
     init = root / "init"
     train(1, data, init, SETS + ["train.train_iters=1"])
     start = SETS + [f"model.init_from={init / 'checkpoints'}"]
