@@ -211,7 +211,7 @@ def test_recover_and_prune_delete_only_marked_folders(templates, tmp_path):
 
 
 def test_resume_plan_refuses_a_folder_without_latest(tmp_path, capsys):
-    from pipeline.checkpoint import plan_resume
+    from pipeline.checkpoint import CheckpointManager, plan_resume
     from pipeline.config import ConfigError
 
     assert plan_resume(tmp_path / "new", auto_resume=True) is None
@@ -221,6 +221,8 @@ def test_resume_plan_refuses_a_folder_without_latest(tmp_path, capsys):
     with pytest.raises(ConfigError, match="no `latest` naming the one to resume.*auto_resume=false"):
         plan_resume(root, auto_resume=True)
     assert plan_resume(root, auto_resume=False) is None
+    # The trainer's resume point says so (once, on rank 0).
+    assert CheckpointManager(root, 2, {}).resume_point(auto_resume=False) is None
     assert "never prunes them" in capsys.readouterr().out
     (root / LATEST).write_text("iter_0000002\n")
     assert plan_resume(root, auto_resume=True) == root / "iter_0000002"
