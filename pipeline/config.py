@@ -142,11 +142,14 @@ class ParallelSection:
     pp: int = setting(1, ge=1)
     # Virtual pipeline chunks per stage (interleaved 1F1B); None = plain 1F1B.
     vpp: Optional[int] = setting(None, ge=2)
+    # Split norms, residuals and layer inputs over the TP ranks along the sequence (tp >= 2).
     sequence_parallel: bool = False
     recompute_granularity: Optional[str] = setting(None, choices=(None, "full", "selective"))
     # Used with recompute_granularity "full".
     recompute_method: Optional[str] = setting(None, choices=(None, "uniform", "block"))
     recompute_num_layers: Optional[int] = setting(None, ge=1)
+    # Recompute a trainable vision tower's layers in backward (model.freeze_vision=false).
+    recompute_vision: bool = False
     use_distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
@@ -296,6 +299,7 @@ class TrainConfig:
             recompute_granularity=p.recompute_granularity, recompute_method=p.recompute_method,
             recompute_num_layers=p.recompute_num_layers,
             virtual_pipeline_model_parallel_size=p.vpp, sequence_parallel=p.sequence_parallel,
+            recompute_vision=p.recompute_vision,
             fp8_recipe=self.precision.fp8_recipe if self.precision.fp8 else None,
             calculate_per_token_loss=self.optim.loss_normalization == "per_token")
 

@@ -28,6 +28,7 @@ context, NCCL's buffers and the caching allocator's fragmentation, none of which
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -289,7 +290,9 @@ def stage_memory(cfg: TrainConfig, dp: int, pp_rank: int, work: Workload) -> Sta
     for chunk in chunks:
         parts = activation_bytes(model, shape, tp=p.tp, num_layers=chunk.num_layers,
                                  pre_process=chunk.pre_process, post_process=chunk.post_process,
-                                 recompute=recompute, act_bytes=act)
+                                 recompute=recompute, act_bytes=act,
+                                 sequence_parallel=p.sequence_parallel,
+                                 recompute_vision=p.recompute_vision)
         copies = math.ceil(flight / len(chunks))
         for name, value in parts.items():
             # The heads run forward and backward back to back: one micro-batch in flight.
@@ -298,7 +301,8 @@ def stage_memory(cfg: TrainConfig, dp: int, pp_rank: int, work: Workload) -> Sta
             total += n * value
     state = max((rank_state(cfg, dp, pp_rank, r) for r in _dp_ranks_to_check(dp)),
                 key=lambda s: s.total)
-    layer = decoder_layer_bytes(model, shape, tp=p.tp, recompute=None, act_bytes=act)
+    layer = decoder_layer_bytes(model, shape, tp=p.tp, recompute=None, act_bytes=act,
+                                sequence_parallel=p.sequence_parallel)
     workspace = 2 * layer  # one layer's gradients and (recomputed) activations in backward
     if chunks[-1].post_process:
         logits = shape.positions * (model.decoder.vocab_size // p.tp)
@@ -390,10 +394,11 @@ def step_time(cfg: TrainConfig, gpus: int, dp: int, work: Workload,
 
 
 def _variants(cfg: TrainConfig, gpus: int) -> Iterator[Tuple[List[str], TrainConfig]]:
-    """Layouts near ``cfg``: TP, PP, recompute and micro-batch changes, with the ``--set``
-    arguments that select each."""
+    """Layouts near ``cfg``: TP, PP, sequence parallelism, recompute and micro-batch changes,
+    with the ``--set`` arguments that select each."""
     p, d = cfg.parallel, cfg.data
-    # Only changes that lower the memory: more TP or PP, more recompute, smaller micro-batches.
+    # Only changes that lower the memory: more TP or PP, sequence parallelism (with TP), more
+    # recompute, smaller micro-batches.
     tps = [t for t in (1, 2, 4, 8) if p.tp <= t <= gpus] or [p.tp]
     pps = [q for q in (1, 2, 4, 8) if p.pp <= q <= gpus] or [p.pp]
     recomputes = [(None, None), ("selective", None), ("full", "uniform")]
@@ -402,31 +407,34 @@ def _variants(cfg: TrainConfig, gpus: int) -> Iterator[Tuple[List[str], TrainCon
         if p.recompute_granularity in order else recomputes
     micro = sorted({d.micro_batch_size, *[m for m in (1, 2, 4, 8, 16, 32)
                                           if m <= d.micro_batch_size]}, reverse=True)
-    for tp in tps:
-        for pp in pps:
-            for granularity, method in recomputes:
-                for mbs in micro:
-                    sets = []
-                    if tp != p.tp:
-                        sets.append(f"parallel.tp={tp}")
-                    if pp != p.pp:
-                        sets.append(f"parallel.pp={pp}")
-                    if granularity != p.recompute_granularity:
-                        sets.append(f"parallel.recompute_granularity={granularity or 'null'}")
-                        if granularity == "full":
-                            sets.append("parallel.recompute_method=uniform")
-                    if mbs != d.micro_batch_size:
-                        sets.append(f"data.micro_batch_size={mbs}")
-                    try:
-                        variant = dataclasses.replace(
-                            cfg, parallel=dataclasses.replace(
-                                p, tp=tp, pp=pp, vpp=p.vpp if pp > 1 else None,
-                                recompute_granularity=granularity,
-                                recompute_method=method if granularity == "full" else None),
-                            data=dataclasses.replace(d, micro_batch_size=mbs))
-                    except ConfigError:
-                        continue
-                    yield sets, variant
+    sps = [p.sequence_parallel] if p.sequence_parallel else [False, True]
+    for tp, pp, sp, (granularity, method), mbs in itertools.product(tps, pps, sps, recomputes,
+                                                                     micro):
+        if sp and tp < 2:
+            continue
+        sets = []
+        if tp != p.tp:
+            sets.append(f"parallel.tp={tp}")
+        if pp != p.pp:
+            sets.append(f"parallel.pp={pp}")
+        if sp != p.sequence_parallel:
+            sets.append("parallel.sequence_parallel=true")
+        if granularity != p.recompute_granularity:
+            sets.append(f"parallel.recompute_granularity={granularity or 'null'}")
+            if granularity == "full":
+                sets.append("parallel.recompute_method=uniform")
+        if mbs != d.micro_batch_size:
+            sets.append(f"data.micro_batch_size={mbs}")
+        try:
+            variant = dataclasses.replace(
+                cfg, parallel=dataclasses.replace(
+                    p, tp=tp, pp=pp, vpp=p.vpp if pp > 1 else None,
+                    sequence_parallel=sp, recompute_granularity=granularity,
+                    recompute_method=method if granularity == "full" else None),
+                data=dataclasses.replace(d, micro_batch_size=mbs))
+        except ConfigError:
+            continue
+        yield sets, variant
 
 
 def suggestions(cfg: TrainConfig, gpus: int, gpu_memory: int, *, work: Optional[Workload] = None,
@@ -472,7 +480,8 @@ def report(result: Plan, fixes: Sequence[Tuple[List[str], Plan]] = ()) -> str:
              + (f" (x {p.vpp} virtual)" if p.vpp else "") + f" x DP {result.dp}; "
              f"{'bf16' if cfg.precision.bf16 else 'fp32'}, "
              f"{'distributed' if p.use_distributed_optimizer else 'replicated'} optimizer, "
-             f"recompute {p.recompute_granularity or 'none'}",
+             f"recompute {p.recompute_granularity or 'none'}"
+             + (", sequence parallel" if p.sequence_parallel else ""),
              f"micro-batch: {cfg.data.micro_batch_size} "
              + ("packed row(s)" if cfg.data.packing else "padded row(s)")
              + f" of {cfg.model.decoder.seq_length} positions, "
@@ -506,8 +515,8 @@ def report(result: Plan, fixes: Sequence[Tuple[List[str], Plan]] = ()) -> str:
                 lines.append(f"  {' '.join('--set ' + s for s in sets)}  "
                              f"(peak {_gib(fixed.peak)} GiB)")
         else:
-            lines.append("no change of TP, PP, recompute or micro-batch fits: add GPUs or use "
-                         "cards with more memory")
+            lines.append("no change of TP, PP, SP, recompute or micro-batch fits: add GPUs or "
+                         "use cards with more memory")
     return "\n".join(lines)
 
 
@@ -527,8 +536,8 @@ def recommend(cfg: TrainConfig, gpus: int, gpu_memory: int) -> Tuple[str, str]:
 
 def _layout(result: Plan) -> str:
     p = result.cfg.parallel
-    return (f"TP {p.tp} x PP {p.pp} x DP {result.dp}, mbs {result.cfg.data.micro_batch_size}, "
-            f"recompute {p.recompute_granularity or 'none'}, peak {_gib(result.peak)} GiB")
+    return (f"TP {p.tp}{' (SP)' if p.sequence_parallel else ''} x PP {p.pp} x DP {result.dp}, "
+            f"mbs {result.cfg.data.micro_batch_size}, recompute {p.recompute_granularity or 'none'}, peak {_gib(result.peak)} GiB")
 
 
 PRESET_CONFIGS = ("configs/stage1-vicuna-7b.yaml", "configs/stage1-mistral-7b.yaml",
@@ -561,7 +570,8 @@ def main(cfg: TrainConfig, gpus: int, gpu_memory: str,
         fixes = suggestions(cfg, gpus, memory, work=work)
         print(f"layout: {layout_error(cfg, gpus)}")
         if not fixes:
-            print("no change of TP, PP, recompute or micro-batch gives a valid layout that fits")
+            print("no change of TP, PP, SP, recompute or micro-batch gives a valid layout "
+                  "that fits")
             return 3
         print("nearest layouts that are valid and fit:")
         for sets, fixed in fixes:

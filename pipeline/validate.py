@@ -58,6 +58,15 @@ def check_model(model_cfg: Any, cfg: TrainConfig) -> None:
         raise ConfigError("data.packing=true: needs attention that keeps packed samples apart "
                           "(model.attention_backend 'auto' or 'sdpa'); megatron's "
                           "unfused attention has no packed-sequence path")
+    if cfg.parallel.sequence_parallel:
+        tp, seq = cfg.parallel.tp, model_cfg.decoder.seq_length
+        if tp < 2:
+            raise ConfigError(f"parallel.sequence_parallel=true: splits the sequence over the "
+                              f"tensor-parallel ranks, so it needs parallel.tp >= 2 (got {tp})")
+        if seq % tp != 0:
+            raise ConfigError(f"parallel.sequence_parallel=true: model.decoder.seq_length={seq} "
+                              f"is not divisible by parallel.tp={tp} (each TP rank keeps "
+                              f"seq_length / tp positions)")
     try:
         model_cfg.validate(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp)
     except ValueError as exc:

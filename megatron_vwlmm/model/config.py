@@ -195,6 +195,9 @@ class RuntimeOptions:
     recompute_num_layers: Optional[int] = None
     virtual_pipeline_model_parallel_size: Optional[int] = None
     sequence_parallel: bool = False
+    # Recompute every layer of a trainable vision tower in backward (megatron's full, uniform,
+    # one layer at a time); a frozen tower runs without autograd and keeps nothing anyway.
+    recompute_vision: bool = False
     fp8_recipe: Optional[str] = None
     # megatron's schedules leave the loss unaveraged and DDP leaves gradients unscaled by DP:
     # the per-token loss is normalised by the global batch's totals (model/forward_step.py).
@@ -206,6 +209,12 @@ class RuntimeOptions:
             fields.update(recompute_method=self.recompute_method,
                           recompute_num_layers=self.recompute_num_layers or 1)
         return {k: v for k, v in fields.items() if v is not None}
+
+    def vision_fields(self) -> dict[str, Any]:
+        if not self.recompute_vision:
+            return {}
+        return dict(recompute_granularity="full", recompute_method="uniform",
+                    recompute_num_layers=1)
 
     def decoder_fields(self) -> dict[str, Any]:
         fields = dict(self.recompute_fields(), sequence_parallel=self.sequence_parallel,
@@ -306,8 +315,9 @@ def vision_transformer_config(config: VWLMMConfig, runtime: Optional[RuntimeOpti
     """The ViT's ``TransformerConfig``: pre-LayerNorm layers with biases everywhere, plus what
     its kind sets (the MLP activation: CLIP's quick-GELU, SigLIP's tanh GELU).
 
-    The vision encoder is never pipeline-split (it lives with the stages that need it); of the
-    runtime options only layer recompute applies to it."""
+    The vision encoder is never pipeline-split (it lives with the stages that need it) nor
+    sequence-parallel (it runs on the image rows); of the runtime options only its own
+    recompute (``recompute_vision``) applies to it."""
     from megatron.core.transformer import TransformerConfig
 
     from megatron_vwlmm.vision.towers import get_tower
@@ -329,7 +339,7 @@ def vision_transformer_config(config: VWLMMConfig, runtime: Optional[RuntimeOpti
     )
     fields.update(_parallel_fields())
     fields["pipeline_model_parallel_size"] = 1
-    fields.update((runtime or RuntimeOptions()).recompute_fields())
+    fields.update((runtime or RuntimeOptions()).vision_fields())
     return TransformerConfig(**fields)
 
 

@@ -16,7 +16,8 @@ real model (``tests/megatron_vwlmm/model/test_memory.py``):
   normalised output, the linear inputs, q, k, the fused qkv output (v is a view of it),
   attention output and its fp32 log-sum-exp, RoPE's cos/sin, the SwiGLU MLP's fc1 output, SiLU
   and product; selective recompute (megatron's ``core_attn``) drops the log-sum-exp, full
-  recompute keeps each layer's input only. The heads keep the fp32 softmax of the MM logits
+  recompute keeps each layer's input only; sequence parallelism keeps ``1/tp`` of the norms'
+  tensors, the column-parallel linears' inputs and the checkpointed inputs. The heads keep the fp32 softmax of the MM logits
   (megatron's ``vocab_parallel_cross_entropy``) and, for the visual-word KL
   (``losses/vocab_parallel_kl.py``), the gathered prediction and target rows of the image
   positions plus five fp32 statistics each. A frozen vision encoder runs under ``no_grad`` and
@@ -140,25 +141,29 @@ class MicroBatchShape:
 
 
 def decoder_layer_bytes(config, shape: MicroBatchShape, *, tp: int,
-                        recompute: Optional[str], act_bytes: int) -> int:
+                        recompute: Optional[str], act_bytes: int,
+                        sequence_parallel: bool = False) -> int:
     """Bytes one decoder layer keeps for backward (without recompute: see the module
-    docstring for the tensors)."""
+    docstring for the tensors). Under sequence parallelism the norms' tensors, the
+    column-parallel linears' saved inputs (megatron keeps the rank's share and gathers again in
+    backward) and a checkpointed layer's input are ``1/tp`` of the sequence."""
     d = config.decoder
     h, f, heads = d.hidden_size, d.ffn_hidden_size, d.num_attention_heads
     head_dim = h // heads
     kv = d.num_query_groups * head_dim
     t = shape.positions
+    sp = tp if sequence_parallel else 1
     if recompute == "full":
-        return t * h * act_bytes  # the checkpointed layer's input
+        return t * h * act_bytes // sp  # the checkpointed layer's input
     norms = 2 * (2 * h + 1)  # input, 1/rms, normalised output; twice
-    linear_inputs = 2 * h  # qkv and fc1 read the (full, non-SP) normalised hidden states
+    linear_inputs = 2 * h  # qkv and fc1 read the normalised hidden states
     attention = (h + kv + (h + 2 * kv) + h) // tp  # q, k, fused qkv output (v), output
     mlp = 5 * f // tp  # fc1 output (2f), SiLU output, product (fc2's input)
-    per_position = (norms + linear_inputs + attention + mlp) * act_bytes
+    per_position = ((norms + linear_inputs) / sp + attention + mlp) * act_bytes
     if recompute != "selective":
         per_position += heads // tp * FP32  # SDPA's log-sum-exp
     rope = 4 * _rope_positions(shape) * head_dim * act_bytes  # cos, sin for q and k
-    return t * per_position + rope
+    return int(t * per_position) + rope
 
 
 def _rope_positions(shape: MicroBatchShape) -> int:
@@ -167,13 +172,16 @@ def _rope_positions(shape: MicroBatchShape) -> int:
 
 def activation_bytes(config, shape: MicroBatchShape, *, tp: int, num_layers: int,
                      pre_process: bool, post_process: bool, recompute: Optional[str] = None,
-                     act_bytes: int = 2) -> Dict[str, int]:
+                     act_bytes: int = 2, sequence_parallel: bool = False,
+                     recompute_vision: bool = False) -> Dict[str, int]:
     """Bytes one micro-batch of one chunk keeps for backward, by part."""
     d = config.decoder
     h, vocab = d.hidden_size, d.vocab_size // tp
     t, n_img, n_kl = shape.positions, shape.image_positions, shape.kl_positions
+    sp = tp if sequence_parallel else 1
     parts: Dict[str, int] = {}
-    layer = decoder_layer_bytes(config, shape, tp=tp, recompute=recompute, act_bytes=act_bytes)
+    layer = decoder_layer_bytes(config, shape, tp=tp, recompute=recompute, act_bytes=act_bytes,
+                                sequence_parallel=sequence_parallel)
     parts["decoder layers"] = num_layers * layer
     if recompute == "full" and num_layers:
         parts["decoder layers"] += _rope_positions(shape) * (h // d.num_attention_heads) \
@@ -184,7 +192,7 @@ def activation_bytes(config, shape: MicroBatchShape, *, tp: int, num_layers: int
     features = pre_process or post_process
     if features and n_img:
         parts["vision encoder"] = 0 if config.freeze_vision else _vision_bytes(
-            config, n_img, tp, act_bytes)
+            config, n_img, tp, act_bytes, recompute_vision)
         # fc1 input (patch features), GELU input, fc2 input.
         parts["adapter"] = n_img * (config.vision.hidden_size + 2 * h // tp) * act_bytes
     if pre_process:
@@ -192,7 +200,7 @@ def activation_bytes(config, shape: MicroBatchShape, *, tp: int, num_layers: int
         if config.pif and n_img and not post_process:
             parts["vm head"] = n_img * (h + vocab) * act_bytes
     if post_process:
-        parts["final norm"] = t * (3 * h + 1) * act_bytes
+        parts["final norm"] = t * (3 * h + 1) * act_bytes // sp
         # fp32 softmax of the MM logits; target mask, masked target ids, supervised mask.
         parts["lm head + loss"] = t * (vocab * FP32 + BOOL + INT64 + BOOL) + FP32
         if n_img:
@@ -204,11 +212,12 @@ def activation_bytes(config, shape: MicroBatchShape, *, tp: int, num_layers: int
     return parts
 
 
-def _vision_bytes(config, image_positions: int, tp: int, act_bytes: int) -> int:
+def _vision_bytes(config, image_positions: int, tp: int, act_bytes: int,
+                  recompute: bool = False) -> int:
     """A trainable ViT: the pixels (the patch convolution's input), CLIP's pre-LayerNorm input,
     and per layer two LayerNorm inputs with their fp32 mean and rstd, the qkv/fc1 inputs, the
     fused qkv output (q, k, v are views of it), the attention output and its fp32 log-sum-exp,
-    fc1's output and the GELU's."""
+    fc1's output and the GELU's; with ``recompute`` each layer keeps its input only."""
     v = config.vision
     images = image_positions // v.num_patches
     class_tokens = get_encoder_kind(v.kind).num_class_tokens
@@ -216,6 +225,8 @@ def _vision_bytes(config, image_positions: int, tp: int, act_bytes: int) -> int:
     hv, fv = v.hidden_size, v.ffn_hidden_size
     per_layer = (2 * hv + 4 * hv // tp + 2 * fv // tp + 2 * hv) * act_bytes \
         + (4 + v.num_attention_heads // tp) * FP32
+    if recompute:
+        per_layer = hv * act_bytes
     stem = images * 3 * v.image_size ** 2 * act_bytes
     if class_tokens:  # CLIP's ln_pre
         stem += tokens * (hv * act_bytes + 2 * FP32)

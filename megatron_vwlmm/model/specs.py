@@ -11,8 +11,10 @@ keys (TE's attention adds an ``_extra_state`` entry of its own).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
+from typing import Optional, Union
 
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -21,6 +23,10 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
@@ -75,6 +81,27 @@ def with_core_attention(layer_spec: ModuleSpec, core_attention_cls) -> ModuleSpe
         layer_spec.submodules, self_attention=attention))
 
 
+class SequenceParallelTorchNorm:
+    """megatron's ``WrappedTorchNorm`` (torch's RMSNorm / LayerNorm) usable under sequence
+    parallelism, for the local (non-TE) layers.
+
+    Under sequence parallelism each TP rank normalises its own slice of the sequence with the
+    same (replicated) weights, so each rank's weight gradient is a partial sum over its
+    positions. megatron's ``finalize_model_grads`` sums the gradients of parameters flagged
+    ``sequence_parallel`` over the TP group, as it does for TE's and apex's norms, which flag
+    themselves; torch's norms do not, and megatron's wrapper refuses sequence parallelism for
+    that reason. The module itself is torch's, so checkpoint keys do not change.
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        plain = copy.copy(config)  # the wrapper's own check; the flag is set below instead
+        plain.sequence_parallel = False
+        norm = WrappedTorchNorm(plain, hidden_size, eps, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
 def decoder_layer_spec(impl: str, attention_backend: str = "auto") -> ModuleSpec:
     from megatron.core.models.gpt import gpt_layer_specs
 
@@ -82,7 +109,24 @@ def decoder_layer_spec(impl: str, attention_backend: str = "auto") -> ModuleSpec
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = dataclasses.replace(spec, submodules=dataclasses.replace(
+            spec.submodules, input_layernorm=SequenceParallelTorchNorm,
+            pre_mlp_layernorm=SequenceParallelTorchNorm))
     return with_core_attention(spec, core_attention(impl, attention_backend))
+
+
+def decoder_block_spec(impl: str, attention_backend: str, config,
+                       vp_stage: Optional[int] = None) -> Union[ModuleSpec,
+                                                                 TransformerBlockSubmodules]:
+    """The decoder block of one pipeline chunk: its layers and its final norm. With TE,
+    megatron's block picks TE's norm itself; the local layers get
+    ``SequenceParallelTorchNorm`` for the final norm too (megatron would pick its wrapper)."""
+    layer = decoder_layer_spec(impl, attention_backend)
+    if impl == "transformer_engine":
+        return layer
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=SequenceParallelTorchNorm)
 
 
 def vision_layer_spec(impl: str, attention_backend: str = "auto") -> ModuleSpec:

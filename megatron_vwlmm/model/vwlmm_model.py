@@ -18,6 +18,7 @@ and output embeddings, so both copies take identical steps and the result equals
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Optional
 
 import torch
@@ -39,7 +40,7 @@ from megatron_vwlmm.model.config import (
 from megatron_vwlmm.model.packing import PackedSequence, document_positions, next_token_targets
 from megatron_vwlmm.model.pseudo_image_features import pseudo_image_features
 from megatron_vwlmm.model.specs import (
-    decoder_layer_spec,
+    decoder_block_spec,
     mlp_spec,
     resolve_impl,
     vision_layer_spec,
@@ -68,11 +69,6 @@ class VWLMMModel(MegatronModule):
     ) -> None:
         impl = resolve_impl(config)
         decoder_config = decoder_transformer_config(config, runtime)
-        if decoder_config.sequence_parallel:
-            raise ValueError(
-                "sequence_parallel: not supported yet by VW-LMM's image splicing (the spliced "
-                "embeddings would have to be scattered over the sequence afterwards)"
-            )
         super().__init__(config=decoder_config)
         self.vwlmm_config = config
         self.pre_process = pre_process
@@ -84,7 +80,8 @@ class VWLMMModel(MegatronModule):
 
         self.language_model = GPTModel(
             config=decoder_config,
-            transformer_layer_spec=decoder_layer_spec(impl, config.attention_backend),
+            transformer_layer_spec=decoder_block_spec(impl, config.attention_backend,
+                                                      decoder_config, vp_stage),
             vocab_size=d.vocab_size,
             max_sequence_length=d.seq_length,
             pre_process=pre_process,
@@ -93,6 +90,9 @@ class VWLMMModel(MegatronModule):
             position_embedding_type="rope",
             rotary_base=int(d.rotary_base) if float(d.rotary_base).is_integer() else d.rotary_base,
             vp_stage=vp_stage,
+            # Under sequence parallelism the embedded tokens stay whole until the image
+            # features are spliced in; ``forward`` scatters the spliced sequence.
+            scatter_embedding_sequence_parallel=False,
         )
 
         self.needs_image_features = pre_process or post_process
@@ -116,7 +116,8 @@ class VWLMMModel(MegatronModule):
             self.vm_head = tensor_parallel.ColumnParallelLinear(
                 d.hidden_size,
                 d.vocab_size,
-                config=decoder_config,
+                # It reads the image features, which are never split over the sequence.
+                config=_without_sequence_parallel(decoder_config),
                 init_method=decoder_config.init_method,
                 bias=False,
                 gather_output=False,
@@ -236,6 +237,11 @@ class VWLMMModel(MegatronModule):
                         vm_logits, word_embeddings, parallel_state.get_tensor_model_parallel_group()
                     )
                 decoder_input = scatter_image_features(decoder_input, image_token_mask, spliced)
+            if self.config.sequence_parallel:
+                # Each TP rank keeps its slice of the sequence (megatron's embedding does this
+                # itself when nothing is spliced in); clone so the whole one can be freed.
+                decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(
+                    decoder_input).clone()
 
         output = self.language_model(
             input_ids=None, position_ids=None, attention_mask=None, decoder_input=decoder_input,
@@ -282,6 +288,13 @@ class VWLMMModel(MegatronModule):
             targets.clamp(min=0),
         )
         return ce * supervised, supervised, vm_loss, vm_positions
+
+
+def _without_sequence_parallel(config):
+    """A copy of a megatron config for a layer outside the sequence-parallel region."""
+    plain = copy.copy(config)
+    plain.sequence_parallel = False
+    return plain
 
 
 def build_model(

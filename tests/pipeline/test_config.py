@@ -80,6 +80,21 @@ def test_pp_larger_than_layers():
         check_model(m, cfg)
 
 
+def test_sequence_parallel_needs_tp_and_a_divisible_sequence():
+    cfg, m = _tiny("parallel.tp=1", "parallel.sequence_parallel=true")
+    with pytest.raises(ConfigError, match=r"parallel.sequence_parallel=true: splits the sequence "
+                                          r"over the tensor-parallel ranks, so it needs "
+                                          r"parallel.tp >= 2 \(got 1\)"):
+        check_model(m, cfg)
+    cfg, m = _tiny("parallel.tp=2", "parallel.sequence_parallel=true",
+                   "model.decoder.seq_length=1025")
+    with pytest.raises(ConfigError, match="model.decoder.seq_length=1025 is not divisible by "
+                                          "parallel.tp=2"):
+        check_model(m, cfg)
+    cfg, m = _tiny("parallel.tp=2", "parallel.sequence_parallel=true")
+    check_model(m, cfg)
+
+
 def test_global_batch_not_divisible_by_micro_batch_times_dp():
     cfg, _ = _tiny("parallel.tp=1", "data.micro_batch_size=4", "data.global_batch_size=12")
     assert check_layout(cfg, world_size=1) == 1  # 12 = 3 x 4 x 1: fine

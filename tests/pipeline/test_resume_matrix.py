@@ -1,7 +1,7 @@
 """Resume at every layout, black box: the trainer as users launch it (torchrun + ``--set``).
 
-For each save layout (TP=2, PP=2 with and without the distributed optimizer, TP=2 x PP=2 on 4
-ranks, DP=2, PP=2 with VPP=2), at the tiny preset's shapes (its real 32000-piece vocabulary),
+For each save layout (TP=2, PP=2 with and without the distributed optimizer, TP=2 x PP=2 with
+sequence parallelism on 4 ranks, DP=2, PP=2 with VPP=2), at the tiny preset's shapes (its real 32000-piece vocabulary),
 every run starting from the same weights (``model.init_from`` of one checkpoint):
 
 1. ``train_iters=4, save_interval=2`` SIGKILLed after iteration 3 (checkpoint 2 on disk);
@@ -36,13 +36,13 @@ LAYOUTS = {  # name -> (processes, --set values)
     "tp2": (2, ["parallel.tp=2"]),
     "pp2": (2, ["parallel.pp=2"]),
     "pp2_no_distopt": (2, ["parallel.pp=2", "parallel.use_distributed_optimizer=false"]),
-    "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
+    "tp2_pp2_sp": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"]),
     "dp2": (2, []),
     "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"]),
 }
 ORDER = list(LAYOUTS)
 CROSS = {  # save layout -> the layout its iteration-4 checkpoint is resumed at
-    "tp2": "pp2", "pp2": "tp2_pp2", "tp2_pp2": "dp2", "dp2": "pp2_vpp2", "pp2_vpp2": "tp2",
+    "tp2": "pp2", "pp2": "tp2_pp2_sp", "tp2_pp2_sp": "dp2", "dp2": "pp2_vpp2", "pp2_vpp2": "tp2",
     "pp2_no_distopt": "tp2_no_distopt",
 }
 CROSS_LAYOUTS = {**LAYOUTS, "tp2_no_distopt": (2, ["parallel.tp=2",
