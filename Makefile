@@ -1,18 +1,23 @@
 # The two commands of the README: `make demo` and `make test`. Everything they need is set up
 # from nothing: a virtual environment, torch (the CPU wheel unless a CUDA torch is already
-# importable), the project with its test extras, and the services the tests start themselves.
+# importable), the project with its test extras, the services the tests start themselves, and
+# the separate venv vwlmm-eval runs lmms-eval in (`make eval-env`).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vwlmm-installed
+# lmms-eval's own venv (pipeline/eval_env.py): its pins conflict with the training venv's.
+EVAL_ENV ?= build/eval-env
+EVAL_STAMP := $(EVAL_ENV)/.vwlmm-eval-env
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo clean help
+.PHONY: venv eval-env test demo clean help
 
 help:
 	@echo "make demo   - preprocess (Ray) -> train (TP/PP, torchrun) -> checkpoint -> HF export, on CPU"
 	@echo "make test   - set up .venv and run the test suite"
+	@echo "make eval-env - the venv vwlmm-eval runs lmms-eval in ($(EVAL_ENV), a few GB)"
 
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +32,13 @@ $(STAMP): setup.py
 
 venv: $(STAMP)
 
-test: venv
+# Nothing to do when the venv holds eval_requirements.txt's pins (the stamp records them).
+$(EVAL_STAMP): pipeline/eval_env.py pipeline/eval_requirements.txt | $(STAMP)
+	VWLMM_EVAL_ENV=$(EVAL_ENV) $(PY) -m pipeline.eval_env
+
+eval-env: $(EVAL_STAMP)
+
+test: venv eval-env
 	bash scripts/system_deps.sh
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 

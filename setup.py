@@ -29,6 +29,7 @@ INSTALL_REQUIRES = [
     "matplotlib",
 ]
 
+
 EXTRAS_REQUIRE = {
     "gpu": ["transformer-engine[pytorch]"],
     "wandb": ["wandb"],  # logging.wandb_project
@@ -48,6 +49,9 @@ setup(
     description="Distributed pretraining of VW-LMM (visual words) on megatron-core",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_vwlmm*", "pipeline*", "preprocessing*", "vwlmm_data*"]),
+    # No `eval` extra: lmms-eval's pins (torch, torchvision, wandb) would replace the training
+    # venv's; vwlmm-eval installs them into a venv of their own (`make eval-env`).
+    package_data={"pipeline": ["eval_requirements.txt"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={
@@ -56,6 +60,7 @@ setup(
             "vwlmm-train=pipeline.train:main",
             "vwlmm-convert=megatron_vwlmm.convert.cli:main",
             "vwlmm-visualize=megatron_vwlmm.convert.visualize:main",
+            "vwlmm-eval=pipeline.evaluate:main",
         ]
     },
 )

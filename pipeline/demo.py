@@ -101,7 +101,8 @@ def train(out: Path, data: Path, steps: int) -> Path:
 
 def report(run: Path) -> Path:
     from pipeline.checkpoint import latest_checkpoint
-    from pipeline.plot import plot, read_metrics
+    from pipeline.metrics import read_metrics
+    from pipeline.plot import plot
 
     _step("4/5 results")
     png = plot(run, run / "loss.png")

@@ -9,6 +9,10 @@ tqdm's bar in front). ``metrics.jsonl`` is strict JSON (a value that is not a fi
 ``null``); a resumed run first writes ``{"split": "resume", "iteration": N, ...}``, after which
 its records replace those of the same iterations (readers keep the last record of each
 iteration, as ``pipeline/plot.py`` does).
+
+Benchmarks (``vwlmm-eval``, ``pipeline/evaluate.py``) add one ``{"split": "eval", "iteration":
+N, "task": T, <metric>: value, ...}`` record per task and checkpoint to the same file, and the
+TensorBoard scalars ``eval/<task>/<metric>`` beside the training curves.
 """
 
 from __future__ import annotations
@@ -18,13 +22,23 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
 from pipeline.config import LoggingSection
 
 METRICS_FILE = "metrics.jsonl"
+EVAL_SPLIT = "eval"
+
+
+def read_metrics(run_dir: Path) -> List[Dict]:
+    """Every record of ``<run_dir>/metrics.jsonl``, in order."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no metrics; is {run_dir} a training run folder?")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def peak_memory_gib() -> float:
@@ -124,20 +138,35 @@ class MetricsLogger:
             self._write({"iteration": iteration, **{f"valid_{k}": v for k, v in losses.items()}},
                         "valid", True)
 
-    def _write(self, record: Dict[str, float], group: str, to_stdout: bool) -> None:
+    def log_benchmark(self, iteration: int, task: str, metrics: Dict[str, float],
+                      details: Dict[str, str]) -> None:
+        """One benchmark task's scores on the checkpoint of ``iteration``; ``details`` (the
+        checkpoint, the evaluation's id) go to metrics.jsonl only."""
+        if self.enabled:
+            self._write({"iteration": iteration, "task": task, **details, **metrics},
+                        EVAL_SPLIT, True, scalars=metrics, tag_prefix=f"{EVAL_SPLIT}/{task}")
+
+    def _write(self, record: Dict[str, float], group: str, to_stdout: bool,
+               scalars: Optional[Dict[str, float]] = None,
+               tag_prefix: Optional[str] = None) -> None:
+        """``scalars`` (default: the record's numbers but the iteration) go to TensorBoard and
+        W&B as ``<tag_prefix>/<name>`` (default prefix: ``group``)."""
         strict = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                   for k, v in record.items()}
+        prefix = tag_prefix or group
+        numbers = {k: v for k, v in (record if scalars is None else scalars).items()
+                   if k != "iteration" and isinstance(v, (int, float)) and math.isfinite(v)}
+        # TensorBoard before the record: a crash in between repeats a scalar on the next
+        # attempt, never loses one whose record a reader already sees.
+        if self.writer is not None:
+            for key, value in numbers.items():
+                self.writer.add_scalar(f"{prefix}/{key}", value, record["iteration"])
+            self.writer.flush()
         self.jsonl.write(json.dumps({"split": group, **strict}, allow_nan=False) + "\n")
         self.jsonl.flush()
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "iteration" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(f"{group}/{key}", value, record["iteration"])
-            self.writer.flush()
         if self.wandb is not None:  # the same scalars as TensorBoard, under the same names
-            self.wandb.log({f"{group}/{k}": v for k, v in record.items()
-                            if k != "iteration" and isinstance(v, (int, float))
-                            and math.isfinite(v)}, step=record["iteration"])
+            self.wandb.log({f"{prefix}/{k}": v for k, v in numbers.items()},
+                           step=record["iteration"])
         if to_stdout:
             print(_format(group, record), flush=True)
 
@@ -155,6 +184,10 @@ def _format(group: str, r: Dict[str, float]) -> str:
         v = r.get(key)
         return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
+    if group == EVAL_SPLIT:
+        body = " | ".join(f"{k} {v:.4f}" for k, v in r.items() if k != "iteration"
+                          and isinstance(v, (int, float)) and not isinstance(v, bool))
+        return f"[eval] iter {r['iteration']} | {r['task']} | {body}"
     if group == "valid":
         body = " | ".join(f"{k} {v:.4f}" for k, v in r.items() if k.startswith("valid_"))
         return f"[valid] iter {r['iteration']} | {body}"

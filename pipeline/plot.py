@@ -1,25 +1,31 @@
 """Draw a run's loss curves as a PNG: ``python -m pipeline.plot <run dir> [-o out.png]``.
 
 Reads ``<run dir>/metrics.jsonl`` (written by the trainer every step) and plots lm_loss,
-vm_loss and total loss against the iteration, with validation points when present.
+vm_loss and total loss against the iteration, with validation points when present, and, when
+``vwlmm-eval`` evaluated checkpoints of the run, a third panel with each benchmark's scores
+against the same iteration axis.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
-from pipeline.metrics import METRICS_FILE
+from pipeline.metrics import EVAL_SPLIT, read_metrics
 
 
-def read_metrics(run_dir: Path) -> List[Dict]:
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no metrics; is {run_dir} a training run folder?")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def benchmark_curves(records: List[Dict]) -> Dict[str, List[Tuple[int, float]]]:
+    """``task/metric`` -> [(iteration, score)] from the eval records (the last record of each
+    task and iteration: a re-evaluated checkpoint replaces its earlier scores)."""
+    last = {(r["task"], r["iteration"]): r for r in records if r.get("split") == EVAL_SPLIT}
+    curves: Dict[str, List[Tuple[int, float]]] = {}
+    for (task, iteration), r in sorted(last.items(), key=lambda kv: kv[0][1]):
+        for key, value in r.items():
+            if key != "iteration" and isinstance(value, (int, float)) and \
+                    not isinstance(value, bool):
+                curves.setdefault(f"{task}/{key}", []).append((iteration, value))
+    return curves
 
 
 def plot(run_dir: Path, out: Path) -> Path:
@@ -38,7 +44,9 @@ def plot(run_dir: Path, out: Path) -> Path:
     iters = sorted(train)
     # Two panels: the KL (vm_loss) is orders of magnitude below the CE and would look flat on
     # a shared axis, so it gets its own log-scale panel.
-    fig, (ax_lm, ax_vm) = plt.subplots(1, 2, figsize=(11, 4.5))
+    curves = benchmark_curves(records)
+    fig, axes = plt.subplots(1, 3 if curves else 2, figsize=(16.5 if curves else 11, 4.5))
+    ax_lm, ax_vm = axes[0], axes[1]
     panels = ((ax_lm, ("lm_loss", "total_loss"), "linear"), (ax_vm, ("vm_loss",), "log"))
     for ax, keys, scale in panels:
         for key in keys:
@@ -52,6 +60,14 @@ def plot(run_dir: Path, out: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     ax_lm.set_ylabel("loss")
+    if curves:
+        ax_eval = axes[2]
+        for name, points in sorted(curves.items()):
+            ax_eval.plot(*zip(*points), "o-", label=name)
+        ax_eval.set_xlabel("iteration")
+        ax_eval.set_ylabel("benchmark score (vwlmm-eval)")
+        ax_eval.grid(alpha=0.3)
+        ax_eval.legend()
     fig.suptitle(f"VW-LMM training: {Path(run_dir).resolve().name}")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -62,7 +78,8 @@ def plot(run_dir: Path, out: Path) -> Path:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.plot",
-        description="Plot lm_loss / vm_loss / total loss of a training run (reads "
+        description="Plot lm_loss / vm_loss / total loss of a training run, and the benchmark "
+                    "scores vwlmm-eval recorded for its checkpoints (reads "
                     "<run_dir>/metrics.jsonl) into a PNG.")
     parser.add_argument("run_dir", type=Path, help="the run folder (train config's run_dir)")
     parser.add_argument("-o", "--out", type=Path, default=None,

@@ -66,3 +66,9 @@ def crash_unit_always(unit: str):
         if unit_index == int(unit) and done == total // 2:
             os._exit(17)
     return {"preprocess.unit_progress": lambda unit, done, total: hook(unit, done, total)}
+
+
+def kill_after_eval_marker(iteration: str):
+    """SIGKILL ``vwlmm-eval`` once the marker of its evaluation of the checkpoint of
+    ``iteration`` is written, before the evaluation's records are published."""
+    return _kill_at("eval.marked", iteration)
