@@ -8,8 +8,8 @@ and runs lmms-eval with this environment's python, in a subprocess (``pipeline/l
 the two sides meet only through files: an HF llava folder in, lmms-eval's results out.
 
 The environment is a venv under ``build/eval-env`` (``VWLMM_EVAL_ENV`` names another folder)
-holding ``PINS`` (``eval_requirements.txt``). It is created by ``make eval-env`` (``python -m pipeline.eval_env``), and is
-complete when its stamp file records exactly these pins: a killed install, or one made for other
+holding ``PINS`` (``eval_requirements.txt``). It is created by ``make eval-env``
+(``python -m pipeline.eval_env``), and is complete when its stamp file records exactly these pins: a killed install, or one made for other
 pins, is refused by ``eval_python`` and completed by the next install (pip installs what the
 pins still need into the existing venv).
 """
@@ -95,8 +95,8 @@ def install(folder: Optional[Path] = None, python: str = sys.executable) -> Path
     (folder / STAMP).unlink(missing_ok=True)
     if not _python_of(folder).is_file():
         subprocess.run([python, "-m", "venv", "--clear", str(folder)], check=True)
-    subprocess.run([str(_python_of(folder)), "-m", "pip", "install", "--progress-bar", "off",
-                    *PINS], check=True)
+    subprocess.run([str(_python_of(folder)), "-m", "pip", "install", "-q", "--progress-bar",
+                    "off", *PINS], check=True)
     # The stamp goes last: its presence means every pin above is installed.
     (folder / STAMP).write_text(_stamp_text())
     print(f"vwlmm eval-env: ready in {time.monotonic() - start:.0f} s: {_python_of(folder)}",
