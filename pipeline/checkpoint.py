@@ -42,6 +42,7 @@ from megatron_vwlmm.checkpoint.metadata import (
 )
 from megatron_vwlmm.parallel import megatron_compat
 from vwlmm_data import hooks
+from vwlmm_data.errors import last_line
 from pipeline.config import ConfigError
 
 
@@ -280,19 +281,18 @@ class CheckpointManager:
         try:
             loaded = dist_checkpointing.load(sharded, str(path), sharded_strategy=None)
         except (Exception, CheckpointException) as exc:  # a damaged or truncated tensor file
-            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
-            raise safe_read.CheckpointError(
-                f"{path}: could not be loaded ({type(exc).__name__}: {last[:300]})") from exc
+            raise safe_read.CheckpointError(f"{path}: could not be loaded "
+                                            f"({type(exc).__name__}: {last_line(exc)[:300]})") \
+                from exc
         for key, chunk in zip(sorted(model_sd), model_chunks):
             _unwrap(chunk).load_state_dict(loaded[key])
-        if optimizer is None:
-            fingerprint.verify(path, fingerprint.fingerprint(_model_sharded(model_chunks).values()),
-                               [fingerprint.MODEL])
-            return TrainState()
-        megatron_compat.load_optimizer_state(optimizer, loaded["optimizer"])
+        if optimizer is not None:
+            megatron_compat.load_optimizer_state(optimizer, loaded["optimizer"])
+        sections = [fingerprint.MODEL] + ([fingerprint.OPTIMIZER] if optimizer is not None else [])
         fingerprint.verify(path, fingerprint.fingerprint(_model_sharded(model_chunks).values(),
-                                                         optimizer),
-                           [fingerprint.MODEL, fingerprint.OPTIMIZER])
+                                                         optimizer), sections)
+        if optimizer is None:
+            return TrainState()
         if scheduler is not None:
             scheduler.load_state_dict(common["scheduler"])
         if "rng_state" in loaded:

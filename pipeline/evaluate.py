@@ -123,16 +123,10 @@ def _hf_llava(folder: Path) -> bool:
     return True
 
 
-def iteration_of(checkpoint: Path) -> Optional[int]:
-    """A trainer checkpoint's iteration (also of the ``iter_N.old`` name ``latest`` may lead
-    to, ``layout.latest_checkpoint``); None for other folders."""
-    return layout.iteration_of(checkpoint.name.split(".")[0])
-
-
 def run_dir_of(checkpoint: Path) -> Optional[Path]:
     """The run folder of a trainer checkpoint (``<run_dir>/checkpoints/iter_N``, or a
     ``checkpoint.dir`` elsewhere: the run folder its config records), None for others."""
-    if iteration_of(checkpoint) is None:
+    if layout.folder_iteration(checkpoint) is None:
         return None
     root = checkpoint.parent
     if root.name == "checkpoints" and (root.parent / "config.json").is_file():
@@ -160,7 +154,8 @@ def resolve(path: Path) -> Target:
 
 
 def default_output(run_dir: Path, checkpoint: Path) -> Path:
-    return Path(run_dir) / EVAL_FOLDER / layout.checkpoint_name(iteration_of(checkpoint))
+    return (Path(run_dir) / EVAL_FOLDER
+            / layout.checkpoint_name(layout.folder_iteration(checkpoint)))
 
 
 # -- running lmms-eval ---------------------------------------------------------------------------
@@ -308,7 +303,7 @@ def evaluate_checkpoint(checkpoint: Path, run_dir: Optional[Path], out: Path,
                     checkpoint.name, request.dtype)
         summary = run_lmms_eval(hf, out, request)
     compare_with_paper(request, summary["results_file"])
-    iteration = iteration_of(checkpoint)
+    iteration = layout.folder_iteration(checkpoint)
     record = {"format": _MARKER_FORMAT, "id": uuid.uuid4().hex,
               "checkpoint": layout.checkpoint_name(iteration), "iteration": iteration,
               "request": asdict(request), "results_file": summary["results_file"],
@@ -347,7 +342,8 @@ def watch(run_dir: Path, request: Request, output: Optional[Path], poll_s: float
         root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
         latest = layout.latest_checkpoint(root)
         # Decided before listing: when it is true, every checkpoint the run will have is there.
-        finished = latest is not None and iteration_of(latest) >= cfg.train.train_iters
+        finished = (latest is not None
+                    and layout.folder_iteration(latest) >= cfg.train.train_iters)
         for checkpoint in layout.list_checkpoints(root):
             out = (output / checkpoint.name) if output else default_output(run_dir, checkpoint)
             marker = read_marker(out, request)

@@ -17,12 +17,13 @@ TensorBoard scalars ``eval/<task>/<metric>`` beside the training curves.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Deque, Dict, List, Optional
 
 import torch
 
@@ -58,7 +59,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.train_iters = train_iters
         self._run_t0 = time.perf_counter()
-        self._step_times: list = []
+        self._step_times: Deque[float] = collections.deque(maxlen=20)
         self.totals = {"samples": 0, "tokens": 0, "iterations": 0}
         self.log_interval = options.log_interval
         self.world_size = world_size
@@ -111,7 +112,7 @@ class MetricsLogger:
     def _progress(self, iteration: int) -> Dict[str, float]:
         """Seconds per iteration (median of the last 20 steps: robust to the first step's
         warm-up and to evaluation/checkpoint pauses), elapsed time and ETA of this launch."""
-        recent = sorted(self._step_times[-20:])
+        recent = sorted(self._step_times)
         per_it = recent[(len(recent) - 1) // 2]
         return {"train_iters": self.train_iters, "s_per_it": per_it,
                 "elapsed_s": time.perf_counter() - self._run_t0,

@@ -19,7 +19,7 @@ from typing import Any, Dict
 from pipeline.config import ConfigError, TrainConfig, describe_fields, load_config
 from pipeline.validate import (check_fp8_available, check_init_from, check_layout, check_manifest,
                                check_model, check_resume, load_manifest, select_shards)
-from vwlmm_data.errors import Refusal
+from vwlmm_data.errors import Refusal, last_line
 
 # megatron's distributed optimizer zeroes gradients by probing ``.grad`` on every tensor of its
 # groups, views of the fp32 main shards included (its ``_zero_grad_group_helper``): torch warns
@@ -217,7 +217,7 @@ def main(argv=None) -> None:
     except Refusal as exc:
         # A loader worker's error arrives wrapped with its traceback: its last line is the
         # message.
-        message = str(exc).strip().splitlines()[-1]
+        message = last_line(exc) or type(exc).__name__
         rank = os.environ.get("RANK", "0")
         if rank == "0" or not exc.same_on_every_rank:
             print(f"error (rank {rank}): {message}", file=sys.stderr, flush=True)

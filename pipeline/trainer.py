@@ -97,7 +97,6 @@ class Trainer:
 
     def _restore(self) -> None:
         """Resume from the run's latest checkpoint, or take ``model.init_from``'s weights."""
-        from megatron_vwlmm.checkpoint.fingerprint import FingerprintMismatch
         from megatron_vwlmm.checkpoint.safe_read import CheckpointError
         from megatron_vwlmm.checkpoint.layout import previous_checkpoint_hint
 
@@ -109,7 +108,7 @@ class Trainer:
             try:
                 self.state = self.checkpointer.load(resume_from, self.chunks, self.optimizer,
                                                     self.scheduler)
-            except (CheckpointError, FingerprintMismatch) as exc:
+            except CheckpointError as exc:  # a fingerprint mismatch included
                 raise CheckpointError(f"{exc}; {previous_checkpoint_hint(resume_from)}") \
                     from None
             log(f"resumed from {resume_from} at iteration {self.state.iteration}, "

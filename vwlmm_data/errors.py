@@ -14,3 +14,10 @@ class Refusal(Exception):
     alike (rank 0 alone says it); otherwise each rank that meets it says it."""
 
     same_on_every_rank = False
+
+
+def last_line(exc: BaseException) -> str:
+    """The last line of an exception's message ("" for an empty one): what a wrapped error
+    (a loader worker's traceback, torch's checkpoint exception) finally says."""
+    lines = str(exc).strip().splitlines()
+    return lines[-1] if lines else ""

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_vwlmm.checkpoint.layout import FINGERPRINT_FILE, write_file_atomic
-from vwlmm_data.errors import Refusal
+from megatron_vwlmm.checkpoint.safe_read import CheckpointError
 
 _FORMAT = "vwlmm-fingerprint/1"
 RTOL = 1e-7
@@ -37,17 +37,22 @@ OPTIMIZER = "optimizer"
 Stats = Tuple[float, float, float, int]  # sum, sum of |x|, sum of x^2, element count
 
 
-class FingerprintMismatch(Refusal, RuntimeError):
-    """What was loaded is not what was saved (names the tensors)."""
+class FingerprintMismatch(CheckpointError):
+    """What was loaded is not what was saved (names the tensors); the fingerprint is reduced
+    over all ranks, so every rank says the same."""
 
-    same_on_every_rank = True  # the fingerprint is reduced over all ranks
+
+_CHUNK = 1 << 24  # elements: bounds the float64 temporaries (a save runs at the memory peak)
 
 
 def _stats(tensor: torch.Tensor) -> Stats:
     t = tensor.detach().reshape(-1)
-    return (float(torch.sum(t, dtype=torch.float64)),
-            float(torch.sum(t.abs(), dtype=torch.float64)),
-            float(torch.sum(t.to(torch.float64).square())), t.numel())
+    sums = torch.zeros(3, dtype=torch.float64, device=t.device)
+    for chunk in t.split(_CHUNK):
+        x = chunk.to(torch.float64)
+        sums += torch.stack((x.sum(), x.abs().sum(), x.square().sum()))
+    total, absolute, squares = sums.tolist()  # one device-to-host copy per tensor
+    return total, absolute, squares, t.numel()
 
 
 def _replica_parts(replica_id) -> Tuple[int, ...]:

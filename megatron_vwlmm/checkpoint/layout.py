@@ -80,6 +80,12 @@ def iteration_of(name: str) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
+def folder_iteration(folder: Path) -> Optional[int]:
+    """The iteration of a checkpoint folder, also of the ``iter_N.old`` name a recovery leaves
+    (``latest_checkpoint``); None for other folders."""
+    return iteration_of(Path(folder).name.split(".")[0])
+
+
 # -- durable writes --------------------------------------------------------------------------
 
 def fsync_tree(folder: Path) -> None:
@@ -195,9 +201,9 @@ def find_checkpoint(path: Path) -> Path:
 def previous_checkpoint_hint(path: Path) -> str:
     """The setting that resumes from the checkpoint before ``path`` (or what to do without one)."""
     path = Path(path)
-    it = iteration_of(path.name.split(".")[0])
-    older = [p for p in list_checkpoints(path.parent)
-             if it is not None and iteration_of(p.name) < it]
+    it = folder_iteration(path)
+    older = [] if it is None else [p for p in list_checkpoints(path.parent)
+                                   if iteration_of(p.name) < it]
     if older:
         return (f"to resume from the previous checkpoint instead, add --set "
                 f"checkpoint.resume_iteration={iteration_of(older[-1].name)}")

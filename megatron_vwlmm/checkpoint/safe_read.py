@@ -17,7 +17,7 @@ from typing import Any, Dict
 
 import torch
 
-from megatron_vwlmm.checkpoint.layout import iteration_of
+from megatron_vwlmm.checkpoint.layout import folder_iteration
 from vwlmm_data.errors import Refusal
 
 COMMON_FILE = "common.pt"
@@ -52,7 +52,7 @@ class _AllowListUnpickler(pickle.Unpickler):
 
 
 def _what(folder: Path) -> str:
-    it = iteration_of(folder.name.split(".")[0])
+    it = folder_iteration(folder)
     return f"{folder}" + (f" (iteration {it})" if it is not None else "")
 
 

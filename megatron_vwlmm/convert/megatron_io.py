@@ -37,6 +37,7 @@ from megatron_vwlmm.checkpoint.safe_read import (CheckpointError, IncompleteChec
                                                  require_loadable)
 from megatron_vwlmm.convert.errors import IncompleteCheckpointError
 from megatron_vwlmm.model.config import VWLMMConfig
+from vwlmm_data.errors import last_line
 from vwlmm_data.storage import default_file_mode
 
 IMPORT_RECORD_FILE = "vwlmm_config.json"
@@ -190,9 +191,8 @@ def load_checkpoint(source: CheckpointSource):
             f"{source.path}: the checkpoint does not hold every tensor of the model its config "
             f"describes ({exc})") from exc
     except CheckpointException as exc:
-        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
-        raise IncompleteCheckpointError(f"{source.path}: a tensor file is damaged ({last})") \
-            from exc
+        raise IncompleteCheckpointError(
+            f"{source.path}: a tensor file is damaged ({last_line(exc)})") from exc
     model.load_state_dict(loaded["model"])
     try:
         fingerprint.verify(source.path, fingerprint.fingerprint([model.sharded_state_dict()]),

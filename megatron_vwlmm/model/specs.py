@@ -81,6 +81,14 @@ def with_core_attention(layer_spec: ModuleSpec, core_attention_cls) -> ModuleSpe
         layer_spec.submodules, self_attention=attention))
 
 
+def without_sequence_parallel(config):
+    """A shallow copy of a megatron config with ``sequence_parallel`` off, for a module outside
+    the sequence-parallel region (megatron's modules read the flag from their config)."""
+    plain = copy.copy(config)
+    plain.sequence_parallel = False
+    return plain
+
+
 class SequenceParallelTorchNorm:
     """megatron's ``WrappedTorchNorm`` (torch's RMSNorm / LayerNorm) usable under sequence
     parallelism, for the local (non-TE) layers.
@@ -94,9 +102,8 @@ class SequenceParallelTorchNorm:
     """
 
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
-        plain = copy.copy(config)  # the wrapper's own check; the flag is set below instead
-        plain.sequence_parallel = False
-        norm = WrappedTorchNorm(plain, hidden_size, eps, **kwargs)
+        # Past the wrapper's own check; the weights get the flag below instead.
+        norm = WrappedTorchNorm(without_sequence_parallel(config), hidden_size, eps, **kwargs)
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel
         return norm

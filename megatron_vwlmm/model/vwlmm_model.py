@@ -18,7 +18,6 @@ and output embeddings, so both copies take identical steps and the result equals
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Optional
 
 import torch
@@ -45,6 +44,7 @@ from megatron_vwlmm.model.specs import (
     resolve_impl,
     vision_layer_spec,
     vision_norm_impl,
+    without_sequence_parallel,
 )
 from megatron_vwlmm.model.splicing import scatter_image_features, visual_word_positions
 from megatron_vwlmm.parallel.stage_replicas import mark_stage_replicated
@@ -117,7 +117,7 @@ class VWLMMModel(MegatronModule):
                 d.hidden_size,
                 d.vocab_size,
                 # It reads the image features, which are never split over the sequence.
-                config=_without_sequence_parallel(decoder_config),
+                config=without_sequence_parallel(decoder_config),
                 init_method=decoder_config.init_method,
                 bias=False,
                 gather_output=False,
@@ -288,13 +288,6 @@ class VWLMMModel(MegatronModule):
             targets.clamp(min=0),
         )
         return ce * supervised, supervised, vm_loss, vm_positions
-
-
-def _without_sequence_parallel(config):
-    """A copy of a megatron config for a layer outside the sequence-parallel region."""
-    plain = copy.copy(config)
-    plain.sequence_parallel = False
-    return plain
 
 
 def build_model(

@@ -42,10 +42,17 @@ RUN_SETS = ["parallel.tp=2", "data.format=arrow", "data.micro_batch_size=2",
             "optim.lr=1e-5", "optim.min_lr=0"]
 
 
-def _eval(args, faults=(), expect_rc=0) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "pipeline.evaluate", *map(str, args)],
-                          cwd=REPO, env=env(*faults), capture_output=True, text=True,
-                          timeout=600)
+VWLMM_EVAL = str(Path(sys.executable).with_name("vwlmm-eval"))  # the installed command
+
+
+def _eval(args, faults=(), expect_rc=0, **variables) -> subprocess.CompletedProcess:
+    """``vwlmm-eval ARGS`` as a user runs it: the installed command, no PYTHONPATH (but when a
+    fault hook from ``tests/`` must load), from another folder."""
+    environment = {**env(*faults), **variables}
+    if not faults:
+        environment.pop("PYTHONPATH", None)
+    proc = subprocess.run([VWLMM_EVAL, *map(str, args)], cwd="/",
+                          env=environment, capture_output=True, text=True, timeout=600)
     if expect_rc is not None and proc.returncode != expect_rc:
         raise AssertionError(f"vwlmm-eval exited {proc.returncode} (expected {expect_rc}):\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -212,22 +219,15 @@ def test_missing_dataset_offline_is_one_line_naming_task_and_dataset(evaluated, 
 
 def test_prefetch_loads_the_tasks_datasets_into_hf_home(evaluated, tmp_path):
     home = tmp_path / "hf_home"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.evaluate", "--prefetch", "--tasks", fx.TASK,
-         "--include-path", str(evaluated["task"])], cwd=REPO,
-        env={**env(), "HF_HOME": str(home)}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _eval(["--prefetch", "--tasks", fx.TASK, "--include-path", evaluated["task"]],
+                 HF_HOME=str(home))
     assert f"the datasets of {fx.TASK} are in HF_HOME={home}" in proc.stdout
     assert list((home / "datasets").rglob("*.arrow"))  # the dataset's cache, where runs read it
 
 
 def test_missing_eval_env_is_one_line_naming_the_install(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.evaluate", str(tmp_path), "--tasks", fx.TASK,
-         "--output", str(tmp_path / "out")], cwd=REPO,
-        env={**env(), "VWLMM_EVAL_ENV": str(tmp_path / "no-env")}, capture_output=True,
-        text=True, timeout=300)
-    assert proc.returncode == 2
+    proc = _eval([tmp_path, "--tasks", fx.TASK, "--output", tmp_path / "out"], expect_rc=2,
+                 VWLMM_EVAL_ENV=str(tmp_path / "no-env"))
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "make eval-env" in proc.stderr and str(tmp_path / "no-env") in proc.stderr
     assert not (tmp_path / "out").exists()

@@ -30,13 +30,14 @@ CANDIDATES = [layout for layout in LAYOUTS if layout != "tp1pp1"]
 # Packed micro-batches at the layouts sequence parallelism changes (and the reference): the
 # other layouts' packed path is the trainer's (tests/pipeline/test_train_packing.py).
 PACKED_LAYOUTS = ("tp1pp1", "tp2_sp", "tp2pp2_sp")
-CASES = [(layout, mode) for layout in CANDIDATES for mode, (_, packed) in MODES.items()
-         if not packed or layout in PACKED_LAYOUTS]
 
 
 def _modes(layout: str):
     return {mode: value for mode, value in MODES.items()
             if not value[1] or layout in PACKED_LAYOUTS}
+
+
+CASES = [(layout, mode) for layout in CANDIDATES for mode in _modes(layout)]
 
 
 # Padded rows shorter than the model's seq_length, so that under SP at TP=2 the second rank's

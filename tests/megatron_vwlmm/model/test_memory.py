@@ -165,7 +165,7 @@ def test_sequence_parallel_saving_is_measured_as_predicted(measured_tp2, packed,
     assert abs((off - on) / predicted - 1) <= 0.10
 
 
-def test_vision_recompute_keeps_a_fraction_of_the_towers_activations(measured):
+def test_vision_recompute_saves_the_predicted_tower_bytes(measured):
     """The trainable tower's own recompute is measured, not only predicted: it must save most
     of what the tower keeps (the decoder and heads are the same in both cases)."""
     for packed in (False, True):
