@@ -29,12 +29,6 @@ def install(event: str, callback: Callback) -> None:
     _installed.setdefault(event, []).append(callback)
 
 
-def clear() -> None:
-    global _loaded_spec
-    _installed.clear()
-    _loaded_spec = None
-
-
 def _load_from_environment() -> None:
     """Install the factories ``VWLMM_HOOKS`` names (once per value of the variable)."""
     global _loaded_spec
